@@ -1,0 +1,285 @@
+"""The schema of a run: YAML in (safely), validated by pydantic, clear errors out.
+
+A config has six sections: ``run``, ``model``, ``data``, ``guard``, ``eval``, ``rounds`` and
+``stages``. Each stage entry is ``{name: {its options}}`` and is validated by that stage's own
+``Config`` class, so a typo anywhere names the key, where it is, and the keys that are valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from selftrain.errors import SelftrainError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("run", description="Run name; the run directory defaults to runs/<name>.")
+    output_dir: str | None = Field(None, description="Run directory (default: runs/<name>).")
+    seed: int = Field(0, description="Seed for data split, initialisation, sampling and training.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train and evaluate.")
+    keep_rejected_checkpoints: bool = Field(
+        False, description="Keep the weights of stages the guard rolled back (for debugging)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("run.name must be letters, digits, '.', '_' or '-' (no path separators)")
+        return v
+
+
+class ModelConfig(Section):
+    preset: Literal["tiny", "tiny-bert", "smollm2-135m"] | None = Field(
+        None, description="A built-in model: tiny (Llama, from scratch), tiny-bert (encoder), smollm2-135m."
+    )
+    pretrained: str | None = Field(None, description="Hub id or local directory of a Hugging Face model.")
+    gguf_file: str | None = Field(None, description="GGUF file inside `pretrained` to load (dequantised).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `pretrained`.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
+    architecture: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the preset's architecture (hidden_size, ...)."
+    )
+    vocab_size: int = Field(
+        4096, ge=300, description="Vocabulary of the BPE tokenizer trained on the corpus for a new model."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.preset is None) == (self.pretrained is None):
+            raise ValueError("set exactly one of model.preset or model.pretrained")
+        return self
+
+
+class DataConfig(Section):
+    train: str | list[str] = Field(
+        "builtin:pydocs",
+        description="Sources: file/folder (.txt .md .jsonl .csv .parquet), hf:<dataset id>, builtin:pydocs.",
+    )
+    heldout: str | list[str] | None = Field(
+        None, description="Separate held-out sources; default: a fraction of `train`."
+    )
+    heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of documents held out.")
+    text_column: str = Field("text", description="Column holding the text in JSONL/CSV/Parquet/HF data.")
+    hf_split: str = Field("train", description="Split to load from a Hugging Face dataset.")
+    max_documents: int | None = Field(None, ge=2, description="Keep at most this many documents.")
+    min_chars: int = Field(20, ge=1, description="Drop documents shorter than this many characters.")
+    paragraphs: bool = Field(True, description="Split text files into paragraphs (blank-line separated).")
+
+
+class GuardConfig(Section):
+    metric: str = Field("heldout_ppl", description="Evaluation metric that decides accept / roll back.")
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="Whether lower or higher is better; auto knows the built-in metrics."
+    )
+    tolerance: float = Field(0.02, ge=0, description="Relative regression of `metric` still accepted.")
+    max_synthetic_fraction: float = Field(
+        0.5, ge=0, le=1, description="Cap on synthetic examples as a share of the whole pool."
+    )
+    min_distinct_2: float | None = Field(
+        0.05, description="Collapse signal: roll back if sample distinct-2 falls below this."
+    )
+    min_entropy: float | None = Field(
+        0.05, description="Collapse signal: roll back if mean next-token entropy (nats) falls below."
+    )
+
+
+class EvalConfig(Section):
+    max_tokens: int = Field(32768, ge=2, description="Held-out tokens scored for perplexity.")
+    block_size: int | None = Field(
+        None, ge=2, description="Scoring window; default min(model context, 256)."
+    )
+    batch_size: int = Field(8, ge=1, description="Blocks per forward pass when scoring.")
+    samples: int = Field(16, ge=0, description="Samples generated for diversity (0 skips them).")
+    prompt_tokens: int = Field(8, ge=1, description="Held-out prefix length that prompts each sample.")
+    max_new_tokens: int = Field(40, ge=1, description="Length of each diversity sample.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for diversity samples.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass for diversity samples.")
+
+
+class StageSpec(BaseModel):
+    """One validated stage entry: its registered name and its own config."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    name: str
+    config: Any
+
+
+class RunConfig(Section):
+    run: RunSection = Field(default_factory=RunSection, description="Name, directory, seed, device.")
+    model: ModelConfig = Field(..., description="The model to improve.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Unlabelled text and its split.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Accept / roll back rule.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after every stage.")
+    rounds: int = Field(1, ge=1, description="How many times the stage list runs.")
+    stages: list[Union[str, dict[str, Any]]] = Field(..., min_length=1, description="Stages, in order.")
+
+    def stage_specs(self) -> list[StageSpec]:
+        """Validate each stage entry against its stage's own Config."""
+        from selftrain.stages import REGISTRY
+
+        specs = []
+        for i, entry in enumerate(self.stages):
+            if isinstance(entry, str):
+                entry = {entry: {}}
+            if len(entry) != 1:
+                raise SelftrainError(
+                    f"config error at stages[{i}]: each stage is one key, e.g. `- pretrain: {{max_steps: 100}}`; "
+                    f"got keys {sorted(entry)}"
+                )
+            (name, options), = entry.items()
+            if name not in REGISTRY:
+                raise SelftrainError(_unknown_key_message(f"stages[{i}]", name, sorted(REGISTRY)))
+            if options is not None and not isinstance(options, dict):
+                raise SelftrainError(f"config error at stages[{i}].{name}: expected a mapping of options")
+            stage_cls = REGISTRY[name]
+            try:
+                specs.append(StageSpec(name=name, config=stage_cls.Config(**(options or {}))))
+            except ValidationError as e:
+                raise SelftrainError(_format_validation_error(e, stage_cls.Config, f"stages[{i}].{name}")) from None
+        return specs
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.run.name}")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the run's results; a resume must match it."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML safely, apply ``key.path=value`` overrides, validate. Raises SelftrainError."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelftrainError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SelftrainError(f"malformed YAML in {path}: {e}") from None
+    except UnicodeDecodeError:
+        raise SelftrainError(f"config file is not UTF-8 text: {path}") from None
+    if not isinstance(raw, dict):
+        raise SelftrainError(f"{path}: a config is a YAML mapping (run:, model:, data:, stages: ...)")
+    return config_from_dict(raw, overrides, source=str(path))
+
+
+def config_from_dict(raw: dict, overrides=(), source: str = "config") -> RunConfig:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        cfg = RunConfig(**raw)
+    except ValidationError as e:
+        raise SelftrainError(f"{source}: " + _format_validation_error(e, RunConfig, "")) from None
+    except TypeError as e:  # e.g. a section given as a list instead of a mapping
+        raise SelftrainError(f"{source}: {e}") from None
+    cfg.stage_specs()  # validate stage options now, before anything is written
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``--set a.b.c=value``; the value is parsed as YAML (numbers, lists, booleans).
+
+    ``stages.0.pretrain.max_steps=5`` addresses one stage; ``stages.pretrain.max_steps=5``
+    every stage of that name.
+    """
+    if "=" not in item:
+        raise SelftrainError(f"--set expects key.path=value, got {item!r}")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise SelftrainError(f"--set has an empty key: {item!r}")
+    if parts[0] == "stages" and len(parts) > 2 and not parts[1].isdigit():
+        targets = [s for s in raw.get("stages", []) if isinstance(s, dict) and parts[1] in s]
+        if not targets:
+            raise SelftrainError(f"--set {key}: no stage named {parts[1]!r} in this config")
+        for stage in targets:
+            if stage[parts[1]] is None:
+                stage[parts[1]] = {}
+            _set_path(stage[parts[1]], parts[2:], value, key)
+        return
+    _set_path(raw, parts, value, key)
+
+
+def _set_path(node: Any, parts: list[str], value: Any, key: str) -> None:
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SelftrainError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise SelftrainError(f"--set {key}: cannot set inside a {type(node).__name__}")
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+def _unknown_key_message(where: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"config error at {where}: unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}"
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found by walking field names in ``loc`` from ``cls``."""
+    for part in loc:
+        if not isinstance(part, str) or part not in cls.model_fields:
+            continue
+        ann = cls.model_fields[part].annotation
+        candidates = get_args(ann) if get_origin(ann) is not None else (ann,)
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        cls = nested[0]
+    return cls
+
+
+def _format_validation_error(err: ValidationError, cls: type[BaseModel], prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(cls, loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            lines.append(_unknown_key_message(where, str(loc[-1]), valid))
+        elif e["type"] == "missing":
+            lines.append(f"config error at {where}: required key is missing")
+        else:
+            lines.append(f"config error at {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data: sources, the provenance pool, packing into blocks."""

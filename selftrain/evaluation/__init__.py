@@ -1,0 +1,36 @@
+"""Evaluation run after every stage, on held-out real text: perplexity and sample diversity."""
+
+from __future__ import annotations
+
+from selftrain.config import EvalConfig
+from selftrain.evaluation.diversity import diversity_metrics
+from selftrain.evaluation.perplexity import heldout_perplexity
+from selftrain.modeling.generation import SamplingParams, TransformersBackend
+
+# Which direction is better, for the guard's `mode: auto`.
+LOWER_IS_BETTER = {"heldout_ppl", "heldout_loss", "repetition_rate"}
+
+
+def evaluate(model, tokenizer, heldout_texts: list[str], cfg: EvalConfig, *, kind: str = "causal",
+             seed: int = 0, backend=None) -> tuple[dict, list[str]]:
+    """Return (metrics, samples). Samples continue held-out prefixes, so they are comparable."""
+    context = getattr(model.config, "max_position_embeddings", 512)
+    block = cfg.block_size or min(context, 256)
+    metrics = heldout_perplexity(model, tokenizer, heldout_texts, kind=kind, block_size=min(block, context),
+                                 max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, seed=seed)
+    samples: list[str] = []
+    if kind == "causal" and cfg.samples > 0:
+        backend = backend or TransformersBackend(model, tokenizer, batch_size=cfg.batch_size)
+        prompts = sample_prompts(heldout_texts, tokenizer, cfg.samples, cfg.prompt_tokens)
+        samples = backend.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens,
+                                                           temperature=cfg.temperature, top_p=cfg.top_p,
+                                                           seed=seed))
+        metrics.update(diversity_metrics(samples))
+    return metrics, samples
+
+
+def sample_prompts(texts: list[str], tokenizer, n: int, prompt_tokens: int) -> list[str]:
+    picked = [texts[i * len(texts) // n] for i in range(n)] if len(texts) >= n else [
+        texts[i % len(texts)] for i in range(n)]
+    ids = tokenizer(picked, add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(x[:prompt_tokens]) for x in ids]

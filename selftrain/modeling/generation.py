@@ -1,0 +1,78 @@
+"""The generation backend: one interface, ``generate(prompts, sampling) -> texts``, that every
+stage which samples goes through. ``TransformersBackend`` works everywhere (batched, left
+padding, KV cache); faster backends (vLLM) plug in behind the same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = 0
+    stop: tuple[str, ...] = ()  # completions are cut at the first stop string
+
+
+class GenerationBackend(Protocol):
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]: ...
+
+
+class TransformersBackend:
+    """``model.generate`` in batches, prompts left-padded so every row continues from its end."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:
+        tok, model = self.tokenizer, self.model
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        was_training = model.training
+        model.eval()
+        side, tok.padding_side = tok.padding_side, "left"
+        out: list[str] = []
+        max_len = getattr(model.config, "max_position_embeddings", None)
+        try:
+            for i in range(0, len(prompts), self.batch_size):
+                batch = prompts[i:i + self.batch_size]
+                enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+                if enc["input_ids"].shape[1] == 0:  # all prompts empty: start from BOS/EOS
+                    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+                    enc = {"input_ids": torch.full((len(batch), 1), start),
+                           "attention_mask": torch.ones(len(batch), 1, dtype=torch.long)}
+                enc = {k: v.to(model.device) for k, v in enc.items()}
+                new = sampling.max_new_tokens
+                if max_len:  # never ask for positions the model does not have
+                    new = max(1, min(new, max_len - enc["input_ids"].shape[1]))
+                greedy = sampling.temperature <= 0
+                ids = model.generate(
+                    **enc, max_new_tokens=new, do_sample=not greedy, use_cache=True,
+                    temperature=None if greedy else sampling.temperature,
+                    top_p=None if greedy else sampling.top_p, top_k=sampling.top_k or None,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                )
+                texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out += [_cut(t, sampling.stop) for t in texts]
+        finally:
+            tok.padding_side = side
+            model.train(was_training)
+        return out
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    for s in stops:
+        j = text.find(s)
+        if j >= 0:
+            text = text[:j]
+    return text

@@ -1,0 +1,96 @@
+"""Turn a run's manifest and metrics into report.md with plots a person can glance at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selftrain.workspace import Workspace, atomic_write_text
+
+
+def stage_rows(manifest: dict) -> list[dict]:
+    """One row per stage execution: what the closing table, `inspect` and the report show."""
+    rows = []
+    for e in manifest.get("stages", []):
+        before, after = e.get("metrics_before") or {}, e.get("metrics_after") or {}
+        rows.append({
+            "stage": e["key"], "status": e.get("status"), "decision": e.get("decision", "-"),
+            "ppl_before": before.get("heldout_ppl"), "ppl_after": after.get("heldout_ppl"),
+            "distinct_2": after.get("distinct_2"), "seconds": e.get("seconds"),
+            "attempts": e.get("attempts"), "reason": e.get("reason", ""),
+        })
+    return rows
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def write_report(ws: Workspace) -> Path:
+    manifest = ws.load_manifest()
+    rows = stage_rows(manifest)
+    plots = _plots(ws, manifest)
+    base, final = manifest.get("baseline_metrics", {}), manifest.get("final_metrics") or manifest.get(
+        "accepted_metrics", {})
+    lines = [
+        f"# selftrain run `{manifest['run_name']}`", "",
+        f"Status: **{manifest['status']}**. Model kind: {manifest['model_kind']}. "
+        f"Data: {manifest['data'].get('train_documents')} train / {manifest['data'].get('heldout_documents')} "
+        "held-out documents.", "",
+        "| metric | start | final |", "|---|---|---|",
+    ]
+    for k in ("heldout_ppl", "heldout_loss", "heldout_entropy", "distinct_1", "distinct_2", "repetition_rate"):
+        if k in base or k in final:
+            lines.append(f"| {k} | {_fmt(base.get(k), 3)} | {_fmt(final.get(k), 3)} |")
+    lines += ["", "## Stages", "", "| stage | decision | ppl before | ppl after | distinct-2 | seconds | reason |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['decision']} | {_fmt(r['ppl_before'])} | {_fmt(r['ppl_after'])} | "
+                     f"{_fmt(r['distinct_2'], 3)} | {_fmt(r['seconds'], 1)} | {r['reason']} |")
+    for title, name in plots:
+        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    lines += ["", "Full record: `manifest.json` (decisions), `metrics.jsonl` (every log line), "
+              "`stages/<key>/samples.txt` (what the model wrote after each stage).", ""]
+    path = ws.root / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _plots(ws: Workspace, manifest: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    labels = ["start"] + [e["key"] for e in manifest["stages"] if e.get("metrics_after")]
+    ppl = [manifest["baseline_metrics"].get("heldout_ppl")] + [
+        e["metrics_after"].get("heldout_ppl") for e in manifest["stages"] if e.get("metrics_after")]
+    colours = ["grey"] + ["tab:green" if e.get("decision") == "accepted" else "tab:red"
+                          for e in manifest["stages"] if e.get("metrics_after")]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 3.2))
+    ax.bar(range(len(labels)), ppl, color=colours)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("after each stage (green accepted, red rolled back)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(ws.root / "heldout_ppl.png", dpi=110)
+    plt.close(fig)
+    out.append(("Held-out perplexity", "heldout_ppl.png"))
+
+    train = [m for m in ws.read_metrics() if m.get("phase") == "train" and "loss" in m]
+    if train:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for key in dict.fromkeys(m["stage"] for m in train):
+            pts = [(m["step"], m["loss"]) for m in train if m["stage"] == key]
+            ax.plot(*zip(*pts), label=key, marker=".")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(ws.root / "train_loss.png", dpi=110)
+        plt.close(fig)
+        out.append(("Training loss", "train_loss.png"))
+    return out

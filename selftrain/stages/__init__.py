@@ -1,0 +1,8 @@
+"""One module per label-free method; each registers a Stage under its config name."""
+
+from selftrain.stages.base import RunState, Stage, StageConfig, StageResult
+from selftrain.stages.pretrain import PretrainStage
+
+REGISTRY: dict[str, type[Stage]] = {cls.name: cls for cls in (PretrainStage,)}
+
+__all__ = ["REGISTRY", "RunState", "Stage", "StageConfig", "StageResult"]
