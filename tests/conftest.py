@@ -1,0 +1,64 @@
+"""Shared fixtures: a small English-like corpus written by the test, and a micro Llama config
+(a few hundred thousand parameters) so every pipeline test runs in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the teacher", "a small bird", "the farmer"]
+VERBS = ["sees", "likes", "carries", "finds", "watches", "follows", "paints"]
+OBJECTS = ["the red ball", "a green apple", "the river", "an old book", "the blue door", "a tall tree"]
+PLACES = ["in the garden", "near the house", "at the market", "by the lake", "on the hill"]
+
+MICRO_ARCH = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+def make_corpus(n_paragraphs: int = 240, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(n_paragraphs):
+        sentences = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
+                     for _ in range(rng.randint(2, 4))]
+        paragraphs.append(" ".join(s.capitalize() for s in sentences))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_corpus())
+    return path
+
+
+def micro_config(run_dir: Path, corpus: Path, stages: list, **sections) -> dict:
+    cfg = {
+        "run": {"name": "t", "output_dir": str(run_dir), "seed": 0},
+        "model": {"preset": "tiny", "vocab_size": 320, "architecture": dict(MICRO_ARCH)},
+        "data": {"train": str(corpus), "heldout_fraction": 0.1},
+        "eval": {"max_tokens": 2048, "samples": 4, "max_new_tokens": 12, "block_size": 64},
+        "stages": stages,
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def pretrain(**kw) -> dict:
+    opts = {"max_steps": 40, "block_size": 32, "batch_size": 8, "learning_rate": 3e-3, "logging_steps": 5,
+            "save_steps": 20}
+    return {"pretrain": {**opts, **kw}}
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

@@ -1,0 +1,156 @@
+"""Runner: the guard rolls back a harmful stage, a SIGKILLed run resumes, bad input damages nothing."""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selftrain.config import GuardConfig, config_from_dict
+from selftrain.runner import Runner, guard_decision
+from tests.conftest import micro_config, pretrain, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_guard_decisions():
+    g = GuardConfig(tolerance=0.02)
+    assert guard_decision(g, {"heldout_ppl": 10.0}, {"heldout_ppl": 10.1})[0]  # within 2%
+    ok, why = guard_decision(g, {"heldout_ppl": 10.0}, {"heldout_ppl": 10.5})
+    assert not ok and "regresses" in why
+    assert not guard_decision(g, {"heldout_ppl": 10.0}, {"heldout_ppl": math.nan})[0]
+    assert not guard_decision(g, {"heldout_ppl": 10.0}, {"heldout_ppl": math.inf})[0]
+    ok, why = guard_decision(g, {"heldout_ppl": 10.0, "distinct_2": 0.8}, {"heldout_ppl": 5.0, "distinct_2": 0.01})
+    assert not ok and "collapse" in why
+    ok, why = guard_decision(g, {"heldout_ppl": 10.0}, {"heldout_ppl": 5.0, "heldout_entropy": 0.001})
+    assert not ok and "entropy" in why
+    up = GuardConfig(metric="distinct_2", min_distinct_2=None)  # higher is better for diversity
+    assert guard_decision(up, {"distinct_2": 0.5}, {"distinct_2": 0.6})[0]
+    assert not guard_decision(up, {"distinct_2": 0.5}, {"distinct_2": 0.4})[0]
+
+
+def test_harmful_stage_is_rolled_back_and_next_starts_from_last_accepted(tmp_path, corpus_file):
+    stages = [pretrain(max_steps=30), pretrain(max_steps=10, learning_rate=30.0, warmup_ratio=0.0),
+              pretrain(max_steps=10, learning_rate=1e-3)]
+    cfg = config_from_dict(micro_config(tmp_path / "run", corpus_file, stages))
+    manifest = Runner(cfg).run()
+    good, bad, after = manifest["stages"]
+    assert good["decision"] == "accepted"
+    assert bad["decision"] == "rolled_back", bad
+    assert bad["metrics_after"]["heldout_ppl"] > bad["metrics_before"]["heldout_ppl"]
+    assert bad["checkpoint_deleted"] and not (tmp_path / "run" / bad["checkpoint"]).exists()
+    assert after["start_checkpoint"] == good["checkpoint"]  # not the rejected one
+    assert after["metrics_before"] == good["metrics_after"]
+    assert manifest["current_checkpoint"] == after["checkpoint"]
+    table = subprocess.run([sys.executable, "-m", "selftrain", "inspect", str(tmp_path / "run")],
+                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    assert table.returncode == 0 and "rolled_back" in table.stdout and "regresses" in table.stdout
+
+
+def _cli(*args, cwd=REPO, **kw):
+    return subprocess.Popen([sys.executable, "-m", "selftrain", *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_during_pretrain_then_rerun_resumes(tmp_path, corpus_file):
+    run_dir = tmp_path / "run"
+    cfg = micro_config(run_dir, corpus_file, [pretrain(max_steps=400, save_steps=20), pretrain(max_steps=10)])
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = _cli("run", path)
+    trainer_dir = run_dir / "stages" / "r1-01-pretrain" / "trainer"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if list(trainer_dir.glob("checkpoint-*/trainer_state.json")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()  # still training when we kill it
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = json.loads((run_dir / "manifest.json").read_text())
+    assert killed["status"] == "running" and killed["stages"][0]["status"] == "running"
+
+    rerun = _cli("run", path)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    assert "resuming" in out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    keys = [e["key"] for e in manifest["stages"]]
+    assert keys == ["r1-01-pretrain", "r1-02-pretrain"]  # each stage recorded exactly once
+    first = manifest["stages"][0]
+    assert first["attempts"] == 2 and first["status"] == "accepted"
+    assert first["stage_metrics"]["resumed_from_step"] >= 20  # continued from the Trainer checkpoint
+    assert manifest["stages"][1]["attempts"] == 1 and manifest["status"] == "finished"
+    assert (run_dir / "final" / "model.safetensors").exists()
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from tests.conftest import make_corpus
+
+    base = tmp_path_factory.mktemp("existing")
+    corpus = base / "corpus.txt"
+    corpus.write_text(make_corpus())
+    cfg = micro_config(base / "runs" / "good", corpus, [pretrain(max_steps=5)])
+    Runner(config_from_dict(cfg)).run()
+    return base, corpus, cfg
+
+
+def _bad_inputs(base: Path, corpus: Path, cfg: dict):
+    """(name, config text, expected message) for each kind of bad input."""
+    import copy
+
+    import yaml
+
+    def variant(**changes):
+        c = copy.deepcopy(cfg)
+        c["run"]["output_dir"] = str(base / "runs" / "new")
+        for dotted, value in changes.items():
+            node = c
+            *head, last = dotted.split("__")
+            for h in head:
+                node = node[h]
+            node[last] = value
+        return yaml.safe_dump(c)
+
+    (base / "empty.txt").write_text("")
+    (base / "binary.bin").write_bytes(os.urandom(4096) + b"\x00")
+    (base / "tiny.txt").write_text("Just one short line of text.\n")
+    return [
+        ("malformed_yaml", "run: {name: x\nstages: [", "malformed YAML"),
+        ("unknown_key", variant(model__presset="tiny"), "unknown key 'presset'"),
+        ("missing_data", variant(data__train=str(base / "nope.txt")), "data path not found"),
+        ("empty_corpus", variant(data__train=str(base / "empty.txt")), "empty"),
+        ("binary_corpus", variant(data__train=str(base / "binary.bin")), "binary"),
+        ("shorter_than_block", variant(data__train=str(base / "tiny.txt"), data__heldout=str(corpus),
+                                       stages=[pretrain(block_size=64)]),
+         "shorter than one block"),
+        ("wrong_model_path", variant(model={"pretrained": str(base / "no-such-model")}), "model path not found"),
+        ("changed_config_on_existing_run", yaml.safe_dump({**cfg, "rounds": 2}), "different config"),
+    ]
+
+
+def test_bad_input_exits_2_with_message_and_damages_nothing(finished_run):
+    base, corpus, cfg = finished_run
+    existing = base / "runs" / "good"
+    before = _snapshot(existing)
+    for name, text, expected in _bad_inputs(base, corpus, cfg):
+        path = base / f"{name}.yaml"
+        path.write_text(text)
+        proc = _cli("run", path)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (name, out)
+        assert expected in out, (name, out)
+        assert "Traceback" not in out, (name, out)
+        assert not (base / "runs" / "new").exists(), name  # nothing half-made either
+    assert _snapshot(existing) == before
