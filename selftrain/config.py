@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -127,7 +127,7 @@ class RunConfig(Section):
     guard: GuardConfig = Field(default_factory=GuardConfig, description="Accept / roll back rule.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after every stage.")
     rounds: int = Field(1, ge=1, description="How many times the stage list runs.")
-    stages: list[Union[str, dict[str, Any]]] = Field(..., min_length=1, description="Stages, in order.")
+    stages: list[str | dict[str, Any]] = Field(..., min_length=1, description="Stages, in order.")
 
     def stage_specs(self) -> list[StageSpec]:
         """Validate each stage entry against its stage's own Config."""

@@ -24,7 +24,12 @@ from selftrain.config import GuardConfig, RunConfig
 from selftrain.data.pool import Pool, prepare_corpus
 from selftrain.errors import SelftrainError
 from selftrain.evaluation import LOWER_IS_BETTER, evaluate
-from selftrain.modeling.factory import build_initial, count_parameters, load_checkpoint, save_checkpoint
+from selftrain.modeling.factory import (
+    build_initial,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+)
 from selftrain.stages import REGISTRY, RunState
 from selftrain.workspace import MANIFEST_VERSION, Workspace, atomic_write_text, replace_dir
 

@@ -15,7 +15,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from selftrain.data.packing import count_tokens, pack_texts
 from selftrain.errors import SelftrainError
