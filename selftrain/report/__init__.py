@@ -67,6 +67,7 @@ def _plots(ws: Workspace, manifest: dict) -> list[tuple[str, str]]:
     labels = ["start"] + [e["key"] for e in manifest["stages"] if e.get("metrics_after")]
     ppl = [manifest["baseline_metrics"].get("heldout_ppl")] + [
         e["metrics_after"].get("heldout_ppl") for e in manifest["stages"] if e.get("metrics_after")]
+    ppl = [min(p, 1e12) if p is not None else float("nan") for p in ppl]  # a diverged stage stays plottable
     colours = ["grey"] + ["tab:green" if e.get("decision") == "accepted" else "tab:red"
                           for e in manifest["stages"] if e.get("metrics_after")]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 3.2))
