@@ -7,6 +7,7 @@ Causal LM: documents joined by EOS, cut into ``block_size`` tokens. Masked LM: c
 from __future__ import annotations
 
 import datasets
+from tqdm.auto import tqdm
 
 from selftrain.errors import SelftrainError
 
@@ -26,16 +27,16 @@ def pack_texts(texts: list[str], tokenizer, block_size: int, objective: str = "c
             raise SelftrainError("causal LM packing needs a tokenizer with an EOS token")
         body, head, tail, sep = block_size, [], [], tokenizer.eos_token_id
 
-    def tokenize_and_pack(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        stream = [tok for doc in ids for tok in (*doc, sep)]
-        n = len(stream) // body
-        return {"input_ids": [head + stream[i * body:(i + 1) * body] + tail for i in range(n)]}
-
-    ds = datasets.Dataset.from_dict({"text": list(texts)})
-    # Large batches keep the remainder dropped at each batch edge small (< 1 block per 2k docs).
-    packed = ds.map(tokenize_and_pack, batched=True, batch_size=2000, remove_columns=["text"],
-                    desc="packing", load_from_cache_file=False)
+    # Tokenise in large batches (the fast tokenizer parallelises inside each call) and cut one
+    # continuous stream, so no tokens are lost at batch edges.
+    stream: list[int] = []
+    for i in tqdm(range(0, len(texts), 2000), desc="packing", unit="batch", leave=False):
+        for ids in tokenizer(list(texts[i:i + 2000]), add_special_tokens=False)["input_ids"]:
+            stream += ids
+            stream.append(sep)
+    n = len(stream) // body
+    packed = datasets.Dataset.from_dict(
+        {"input_ids": [head + stream[i * body:(i + 1) * body] + tail for i in range(n)]})
     if len(packed) == 0:
         raise SelftrainError(
             f"the training text is shorter than one block of {block_size} tokens "
