@@ -23,7 +23,12 @@ import torch
 from selftrain.config import DataConfig, ModelConfig, RunConfig
 from selftrain.data.packing import pack_texts
 from selftrain.data.pool import Pool, prepare_corpus
-from selftrain.modeling.factory import build_initial, count_parameters, load_checkpoint, save_checkpoint
+from selftrain.modeling.factory import (
+    build_initial,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+)
 from selftrain.stages.base import RunState
 from selftrain.stages.pretrain import PretrainConfig, PretrainStage
 

@@ -164,8 +164,8 @@ class Runner:
         start = time.perf_counter()
         try:
             result = REGISTRY[spec.name]().run(state, spec.config)
-        except SelftrainError:
-            entry.update(status="failed", reason="bad input (see message)")
+        except SelftrainError as e:  # bad input found mid-stage: not DONE, so a fixed rerun retries it
+            entry.update(status="error", reason=str(e))
             ws.save_manifest(manifest)
             raise
         except Exception as e:  # a crash in one stage must not lose the run: record it, roll back
