@@ -40,6 +40,6 @@ def pack_texts(texts: list[str], tokenizer, block_size: int, objective: str = "c
     if len(packed) == 0:
         raise SelftrainError(
             f"the training text is shorter than one block of {block_size} tokens "
-            f"({count_tokens(list(texts), tokenizer)} tokens): add text or lower block_size"
+            f"({len(stream)} tokens): add text or lower block_size"
         )
     return packed

@@ -132,10 +132,11 @@ class Pool:
                 raise ValueError(f"pool example lacks provenance columns {sorted(missing)}")
             if ex["origin"] == "real":
                 raise ValueError("stages may not add rows with origin 'real'")
-        n_real = len(self) - self.n_synthetic()
+        n_synthetic = self.n_synthetic()
+        n_real = len(self) - n_synthetic
         f = max_synthetic_fraction
         # synthetic / (real + synthetic) <= f  <=>  synthetic <= f * real / (1 - f)
-        cap = len(examples) if f >= 1 else int(f * n_real / (1 - f)) - self.n_synthetic()
+        cap = len(examples) if f >= 1 else int(f * n_real / (1 - f)) - n_synthetic
         keep = max(0, min(len(examples), cap))
         chosen = examples if keep == len(examples) else random.Random(seed).sample(examples, keep)
         if not chosen:
