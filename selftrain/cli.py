@@ -5,7 +5,6 @@ User errors (bad config, data, model path) print one clear message and exit with
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import contextmanager
@@ -97,31 +96,104 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="Model directory or hub id."),
-    data: str = typer.Option("builtin:pydocs", help="Text to score: file, folder, hf:<id> or builtin:pydocs."),
+    model: str = typer.Argument(..., help="Model directory (e.g. runs/demo/final) or hub id."),
+    task: list[str] = typer.Option([], "--task", "-t", help="Task to score: arith, bbc-topics, cloze or a task "
+                                   "YAML path; repeat for several. Without --task: perplexity and diversity."),
+    shots: str = typer.Option("0", help="Comma-separated numbers of demonstrations, e.g. 0,4."),
+    limit: int | None = typer.Option(None, help="Score only the first N items of each task."),
+    self_icl: int = typer.Option(0, "--self-icl", help="Also score with K self-generated demonstrations (Self-ICL)."),
+    chat: str = typer.Option("false", help="Wrap prompts in the model's chat template: true, false or auto."),
+    data: str = typer.Option("builtin:pydocs", help="Text for perplexity and for the cloze task: file, folder, "
+                             "hf:<id> or builtin:pydocs."),
     max_tokens: int = typer.Option(32768, help="Tokens scored for perplexity."),
     samples: int = typer.Option(16, help="Samples generated for diversity (0 to skip)."),
-    output: Path | None = typer.Option(None, help="Write the metrics as JSON here."),
+    batch_size: int = typer.Option(8, help="Prompts per forward pass."),
+    seed: int = typer.Option(0, help="Seed of the demonstration draw and of sampling."),
+    log_samples: bool = typer.Option(False, help="Put every item's prompt, prediction and gold in the JSON."),
+    output: Path | None = typer.Option(None, help="Write the results as JSON here."),
 ):
-    """Held-out perplexity and sample diversity of a model on some text."""
-    from selftrain.config import EvalConfig
+    """Score a model: zero/k-shot tasks (--task), or held-out perplexity and sample diversity."""
     from selftrain.data.sources import load_documents
-    from selftrain.evaluation import evaluate
     from selftrain.modeling.factory import load_pretrained, model_kind
 
     with user_errors():
-        texts = [t for _, t in load_documents(data)]
-        if not texts:
-            raise SelftrainError(f"no text in {data}")
+        shot_list = _parse_shots(shots)
+        chat_mode = {"true": True, "false": False, "auto": "auto"}.get(chat.lower())
+        if chat_mode is None:
+            raise SelftrainError(f"--chat must be true, false or auto, not {chat!r}")
+        quiet_libraries()
         m, tok = load_pretrained(model)
-        metrics, _ = evaluate(m, tok, texts, EvalConfig(max_tokens=max_tokens, samples=samples),
-                              kind=model_kind(m))
-    table = Table("metric", "value")
-    for k, v in metrics.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    console.print(table)
+        texts = None
+        if not task or any(t.removeprefix("builtin:") == "cloze" for t in task):
+            texts = [t for _, t in load_documents(data)]
+            if not texts:
+                raise SelftrainError(f"no text in {data}")
+        if task:
+            result = _eval_tasks(m, tok, task, shot_list, limit, self_icl, chat_mode, texts, batch_size, seed,
+                                 log_samples)
+        else:
+            from selftrain.config import EvalConfig
+            from selftrain.evaluation import evaluate
+
+            metrics, _ = evaluate(m, tok, texts, EvalConfig(max_tokens=max_tokens, samples=samples),
+                                  kind=model_kind(m), seed=seed)
+            table = Table("metric", "value")
+            for k, v in metrics.items():
+                table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+            console.print(table)
+            result = {"model": model, "data": data, "metrics": metrics}
     if output:
-        output.write_text(json.dumps(metrics, indent=2))
+        from selftrain.workspace import atomic_write_json
+
+        atomic_write_json(output, result)
+        console.print(f"wrote {output}")
+
+
+def _parse_shots(shots: str) -> list[int]:
+    try:
+        out = [int(x) for x in shots.split(",") if x.strip()]
+    except ValueError:
+        raise SelftrainError(f"--shots takes comma-separated numbers, e.g. 0,4; got {shots!r}") from None
+    if not out or any(k < 0 for k in out):
+        raise SelftrainError(f"--shots takes numbers >= 0, e.g. 0,4; got {shots!r}")
+    return out
+
+
+def _eval_tasks(model, tok, task_refs, shot_list, limit, self_icl, chat, texts, batch_size, seed, log_samples):
+    import torch
+
+    from selftrain.evaluation.harness import evaluate_task
+    from selftrain.evaluation.self_icl import self_icl_demos
+    from selftrain.modeling.factory import model_kind
+    from selftrain.tasks import load_task
+
+    if model_kind(model) != "causal":
+        raise SelftrainError("task scoring needs a causal LM; this model is a masked LM")
+    torch.set_grad_enabled(False)
+    table = Table("task", "shots", "n", "acc", "± stderr", "acc_norm")
+    results = []
+    for ref in task_refs:
+        spec = load_task(ref)
+        docs = spec.docs(texts)
+        docs = docs[:limit] if limit else docs
+        runs = [(str(k), dict(shots=k)) for k in shot_list]
+        if self_icl:
+            console.print(f"[bold]{spec.name}[/]: writing {self_icl} pseudo-demonstrations per item (Self-ICL)")
+            demos, counts = self_icl_demos(model, tok, spec, docs, self_icl, seed=seed, batch_size=batch_size,
+                                           chat=chat)
+            runs.append((f"self-icl {self_icl}", dict(shots=self_icl, demos_for=lambda i, _d, d=demos: d[i])))
+        for label, kw in runs:
+            r = evaluate_task(model, tok, spec, docs=docs, seed=seed, batch_size=batch_size, chat=chat,
+                              progress=True, **kw)
+            mtr = r.metrics
+            table.add_row(spec.name, label, str(mtr["n"]), f"{mtr['acc']:.4f}", f"{mtr['acc_stderr']:.4f}",
+                          f"{mtr['acc_norm']:.4f}" if "acc_norm" in mtr else "-")
+            entry = {"task": spec.name, "shots": label, "metrics": mtr}
+            if log_samples:
+                entry["records"] = r.records
+            results.append(entry)
+    console.print(table)
+    return {"model": str(getattr(model, "name_or_path", "")), "chat": chat, "seed": seed, "results": results}
 
 
 def stage_table(manifest: dict, reasons: bool = False) -> Table:

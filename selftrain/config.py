@@ -99,6 +99,20 @@ class GuardConfig(Section):
     )
 
 
+class TaskEval(Section):
+    task: str = Field(..., description="Built-in task (arith, bbc-topics, cloze) or a task YAML path.")
+    shots: list[int] = Field([0], description="Numbers of demonstrations to evaluate with.")
+    limit: int | None = Field(200, ge=1, description="Items scored (the first N rows); null for all.")
+    chat: bool | Literal["auto"] = Field(False, description="Wrap prompts in the tokenizer's chat template.")
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v):
+        if not v or any(k < 0 for k in v):
+            raise ValueError("shots must be a non-empty list of numbers >= 0")
+        return v
+
+
 class EvalConfig(Section):
     max_tokens: int = Field(32768, ge=2, description="Held-out tokens scored for perplexity.")
     block_size: int | None = Field(
@@ -110,6 +124,13 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(40, ge=1, description="Length of each diversity sample.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for diversity samples.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass for diversity samples.")
+    tasks: list[TaskEval] = Field(
+        default_factory=list, description="Zero/few-shot tasks scored after every stage (metrics <task>_<k>shot_acc).")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_shorthand(cls, v):
+        return [{"task": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
 
 
 class StageSpec(BaseModel):

@@ -1,13 +1,15 @@
-"""Evaluation run after every stage, on held-out real text: perplexity and sample diversity."""
+"""Evaluation run after every stage, on held-out real text: perplexity, sample diversity, and
+the zero/few-shot tasks listed in ``eval.tasks`` (see ``selftrain.evaluation.harness``)."""
 
 from __future__ import annotations
 
 from selftrain.config import EvalConfig
+from selftrain.errors import SelftrainError
 from selftrain.evaluation.diversity import diversity_metrics
 from selftrain.evaluation.perplexity import heldout_perplexity
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 
-# Which direction is better, for the guard's `mode: auto`.
+# Which direction is better, for the guard's `mode: auto`. Task accuracies are higher-is-better.
 LOWER_IS_BETTER = {"heldout_ppl", "heldout_loss", "repetition_rate"}
 
 
@@ -26,7 +28,26 @@ def evaluate(model, tokenizer, heldout_texts: list[str], cfg: EvalConfig, *, kin
                                                            temperature=cfg.temperature, top_p=cfg.top_p,
                                                            seed=seed))
         metrics.update(diversity_metrics(samples))
+    if cfg.tasks:
+        metrics.update(task_metrics(model, tokenizer, heldout_texts, cfg, kind=kind, seed=seed))
     return metrics, samples
+
+
+def task_metrics(model, tokenizer, heldout_texts: list[str], cfg: EvalConfig, *, kind: str, seed: int) -> dict:
+    from selftrain.evaluation.harness import evaluate_task
+    from selftrain.tasks import load_task
+
+    if kind != "causal":
+        raise SelftrainError("eval.tasks score prompts with a causal LM; this run's model is a masked LM")
+    metrics = {}
+    for spec in cfg.tasks:
+        task = load_task(spec.task)
+        docs = task.docs(heldout_texts)  # cloze cuts its rows from the held-out text
+        for k in spec.shots:
+            result = evaluate_task(model, tokenizer, task, k, docs=docs, texts=heldout_texts, limit=spec.limit,
+                                   seed=seed, batch_size=cfg.batch_size, chat=spec.chat)
+            metrics.update({n: v for n, v in result.prefixed().items() if not n.endswith("_n")})
+    return metrics
 
 
 def sample_prompts(texts: list[str], tokenizer, n: int, prompt_tokens: int) -> list[str]:
