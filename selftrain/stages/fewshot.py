@@ -1,0 +1,210 @@
+"""Stage `fewshot` — pseudo-label self-training from label names only.
+
+The model labels unlabelled texts zero-shot (log-likelihood of each label name after the task's
+prompt). The confident, class-balanced part of its own predictions becomes fine-tuning data
+(prompt -> label, loss on the label only), and the loop repeats with the improved model.
+Confidence is calibrated without labels: each label's probability is divided by its mean over
+the unlabelled set, which removes the prompt's prior for one label (contextual calibration).
+
+Gold labels are never read for training. With ``inputs: task``, a seeded share of the task's
+rows is set aside and its labels only *measure* accuracy before and after each round.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from selftrain.data.pool import example_id, make_examples
+from selftrain.data.sources import load_documents
+from selftrain.errors import SelftrainError
+from selftrain.evaluation.harness import build_prompt, choice_logprobs, evaluate_task, use_chat
+from selftrain.modeling.factory import save_checkpoint
+from selftrain.stages.base import RunState, Stage, StageConfig, StageResult
+from selftrain.stages.sft import SFTOptions, sft_train
+from selftrain.tasks import TaskSpec, load_task
+
+
+class FewshotConfig(StageConfig):
+    task: str = Field(..., description="A multiple_choice task: its prompt template and label names are used.")
+    labels: list[str] | None = Field(None, description="Label names; default: the task's fixed choices.")
+    inputs: str = Field("pool", description="Unlabelled texts: pool (the run's real text), task (the task's "
+                        "rows, labels dropped), or a file / folder / jsonl path.")
+    text_column: str = Field("text", description="Column of a jsonl/csv inputs file that holds the text.")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="inputs=task: share of rows kept aside to measure.")
+    eval_limit: int | None = Field(300, ge=1, description="Measured rows at most (null for all).")
+    max_inputs: int | None = Field(1000, ge=1, description="Unlabelled texts labelled per round at most.")
+    rounds: int = Field(2, ge=1, description="Label -> select -> fine-tune iterations.")
+    per_class: int = Field(32, ge=1, description="Pseudo-labelled examples kept per label per round.")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="Drop predictions below this (calibrated) probability.")
+    calibrate: bool = Field(True, description="Divide each label's probability by its mean over the unlabelled set.")
+    chat: bool | Literal["auto"] = Field(False, description="Wrap prompts in the tokenizer's chat template.")
+    batch_size: int = Field(8, ge=1, description="Prompts per scoring pass.")
+    add_to_pool: bool = Field(True, description="Add the pseudo-labelled prompts to the pool (origin fewshot).")
+    train: SFTOptions = Field(default_factory=lambda: SFTOptions(max_steps=30, learning_rate=1e-4),
+                              description="Fine-tuning on the pseudo-labels (each round continues the last).")
+
+
+def label_task(task_ref: str, labels: list[str] | None) -> TaskSpec:
+    task = load_task(task_ref)
+    if task.output_type != "multiple_choice":
+        raise SelftrainError(f"fewshot: task {task.name} is {task.output_type}; pseudo-labelling needs "
+                             "multiple_choice with a fixed label set")
+    if labels is not None:
+        task = task.model_copy(update={"doc_to_choice": list(labels)})
+    if not isinstance(task.doc_to_choice, list):
+        raise SelftrainError(f"fewshot: task {task.name} has per-row choices; give fewshot.labels")
+    if len(set(task.doc_to_choice)) < 2:
+        raise SelftrainError(f"fewshot: the label set {task.doc_to_choice} has fewer than 2 labels; "
+                             "there is nothing to choose between")
+    if not task.input_field:
+        raise SelftrainError(f"fewshot: task {task.name} names no input_field to put the unlabelled text in")
+    return task
+
+
+def split_task_rows(task: TaskSpec, fraction: float, seed: int) -> tuple[list[str], list[dict]]:
+    """(unlabelled texts, measured rows): a seeded hash split; the first side keeps only text."""
+    rows = task.docs()
+    measured = [r for r in rows if _unit(str(r[task.input_field]), seed) < fraction]
+    unlabelled = [str(r[task.input_field]) for r in rows if _unit(str(r[task.input_field]), seed) >= fraction]
+    return unlabelled, measured
+
+
+def _unit(text: str, seed: int) -> float:
+    return int(example_id(text, f"fewshot-split-{seed}"), 16) / 16**16
+
+
+def predict(model, tokenizer, task: TaskSpec, texts: list[str], *, calibrate: bool, chat: bool,
+            batch_size: int) -> tuple[list[int], list[float], torch.Tensor]:
+    """Zero-shot label index, its (calibrated) probability, and all probabilities, for each text.
+
+    Only the texts and the label names reach this function: there is no way for a gold label in.
+    """
+    labels = list(task.doc_to_choice)
+    prompts = [prompt_for(task, t, tokenizer, chat) for t in texts]
+    scoring = task.model_copy(update={"target_delimiter": ""}) if chat else task
+    with torch.no_grad():
+        lp = torch.tensor(choice_logprobs(model, tokenizer, scoring, prompts, [labels] * len(texts),
+                                          batch_size=batch_size))
+    probs = lp.softmax(-1)
+    if calibrate:  # P(label | x) / mean_x P(label | x): no label is favoured just by the prompt
+        probs = probs / probs.mean(0, keepdim=True)
+        probs = probs / probs.sum(-1, keepdim=True)
+    conf, pred = probs.max(-1)
+    return pred.tolist(), conf.tolist(), probs
+
+
+def prompt_for(task: TaskSpec, text: str, tokenizer, chat: bool) -> str:
+    return build_prompt(task, task.text({task.input_field: text}), [], tokenizer, chat)
+
+
+def select_balanced(pred: list[int], conf: list[float], n_labels: int, per_class: int,
+                    min_confidence: float) -> list[int]:
+    """Indices of the ``per_class`` most confident predictions of each label."""
+    chosen = []
+    for c in range(n_labels):
+        ranked = sorted((i for i, p in enumerate(pred) if p == c and conf[i] >= min_confidence),
+                        key=lambda i: -conf[i])
+        chosen += ranked[:per_class]
+    return sorted(chosen)
+
+
+def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotConfig, *, seed: int,
+               device: str, work_dir: Path, log=lambda r: None, stage_key: str = "fewshot",
+               measured: list[dict] | None = None, console=None):
+    """The whole loop; returns (model, selected examples, per-round history).
+
+    ``measured`` rows (with gold labels) are only scored, before and after each round.
+    """
+    chat = use_chat(cfg.chat, tokenizer)
+    labels = list(task.doc_to_choice)
+    history: list[dict] = []
+    selected_all: list[dict] = []
+
+    def measure() -> float | None:
+        if not measured:
+            return None
+        return evaluate_task(model, tokenizer, task, 0, docs=measured, batch_size=cfg.batch_size,
+                             chat=chat).metrics["acc"]
+
+    acc = measure()
+    history.append({"round": 0, "accuracy": acc})
+    for rnd in range(1, cfg.rounds + 1):
+        rng = random.Random(seed * 7919 + rnd)
+        pool = rng.sample(texts, cfg.max_inputs) if cfg.max_inputs and len(texts) > cfg.max_inputs else texts
+        pred, conf, _ = predict(model, tokenizer, task, pool, calibrate=cfg.calibrate, chat=chat,
+                                batch_size=cfg.batch_size)
+        picked = select_balanced(pred, conf, len(labels), cfg.per_class, cfg.min_confidence)
+        if not picked:
+            raise SelftrainError(f"fewshot round {rnd}: no prediction reached min_confidence="
+                                 f"{cfg.min_confidence}; lower it")
+        prompts = [prompt_for(task, pool[i], tokenizer, chat) for i in picked]
+        completions = [("" if chat else task.target_delimiter) + labels[pred[i]] for i in picked]
+        model, train_metrics = sft_train(model, tokenizer, prompts, completions, cfg.train,
+                                         out_dir=work_dir / f"sft-round{rnd}", seed=seed + rnd, device=device,
+                                         log=log, stage_key=stage_key, append_eos=False)
+        model.to(device)
+        for i, p, c in zip(picked, prompts, completions):
+            selected_all.append({"text": p + c, "label": labels[pred[i]], "confidence": round(conf[i], 4),
+                                 "round": rnd, "source_id": example_id(pool[i])})
+        acc = measure()
+        counts = {lab: sum(1 for i in picked if pred[i] == j) for j, lab in enumerate(labels)}
+        record = {"round": rnd, "accuracy": acc, "labelled": len(pool), "selected": len(picked),
+                  "selected_per_label": counts, "mean_confidence": sum(conf[i] for i in picked) / len(picked),
+                  "predicted_share": {lab: pred.count(j) / len(pred) for j, lab in enumerate(labels)},
+                  **train_metrics}
+        history.append(record)
+        log({"stage": stage_key, "phase": "fewshot", **{k: v for k, v in record.items()
+                                                        if isinstance(v, (int, float)) or v is None}})
+        if console is not None:
+            shown = "-" if acc is None else f"{acc:.3f}"
+            console.print(f"  round {rnd}: {len(picked)} pseudo-labels {counts}; measured accuracy {shown}")
+    return model, selected_all, history
+
+
+class FewshotStage(Stage):
+    name = "fewshot"
+    Config = FewshotConfig
+
+    def _inputs(self, cfg: FewshotConfig, task: TaskSpec, pool_texts: list[str], seed: int):
+        if cfg.inputs == "pool":
+            return pool_texts, None
+        if cfg.inputs == "task":
+            unlabelled, measured = split_task_rows(task, cfg.eval_fraction, seed)
+            return unlabelled, measured[:cfg.eval_limit] if cfg.eval_limit else measured
+        return [t for _, t in load_documents(cfg.inputs, text_column=cfg.text_column)], None
+
+    def preflight(self, config, *, model, tokenizer, kind, train_texts):
+        if kind != "causal":
+            raise SelftrainError("fewshot scores label names with a causal LM; this run's model is a masked LM")
+        task = label_task(config.task, config.labels)
+        texts, _ = self._inputs(config, task, train_texts, 0)
+        if not texts:
+            raise SelftrainError(f"fewshot: the unlabelled set ({config.inputs}) is empty")
+
+    def run(self, state: RunState, config: FewshotConfig) -> StageResult:
+        task = label_task(config.task, config.labels)
+        # the split seed is the run's, not the round's: the measured rows stay the same every round
+        texts, measured = self._inputs(config, task, state.pool.texts(origin="real"), state.config.run.seed)
+        if not texts:
+            raise SelftrainError(f"fewshot: the unlabelled set ({config.inputs}) is empty")
+        model, tokenizer = state.load_model()
+        model, selected, history = self_train(model, tokenizer, task, texts, config, seed=state.seed,
+                                              device=state.device, work_dir=state.stage_dir, log=state.log,
+                                              stage_key=state.stage_key, measured=measured)
+        model_dir = save_checkpoint(model.cpu(), tokenizer, state.stage_dir / "model")
+        additions = []
+        if config.add_to_pool:
+            additions = make_examples([s["text"] for s in selected], origin="fewshot", op="pseudo_label",
+                                      stage=state.stage_key, round=state.round,
+                                      parent_ids=[s["source_id"] for s in selected],
+                                      metas=[{k: s[k] for k in ("label", "confidence", "round")} for s in selected])
+        metrics = {"task": task.name, "unlabelled": len(texts), "measured": len(measured or []),
+                   "history": history, "pseudo_labels": len(selected)}
+        if measured:
+            metrics.update(accuracy_before=history[0]["accuracy"], accuracy_after=history[-1]["accuracy"])
+        return StageResult(checkpoint=model_dir, additions=additions, metrics=metrics)
