@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,7 +111,8 @@ def eval_(
     batch_size: int = typer.Option(8, help="Prompts per forward pass."),
     seed: int = typer.Option(0, help="Seed of the demonstration draw and of sampling."),
     log_samples: bool = typer.Option(False, help="Put every item's prompt, prediction and gold in the JSON."),
-    output: Path | None = typer.Option(None, help="Write the results as JSON here."),
+    output: Path | None = typer.Option(None, help="Write the results as JSON here "
+                                       "[default: eval-results/<model path>.json]."),
 ):
     """Score a model: zero/k-shot tasks (--task), or held-out perplexity and sample diversity."""
     from selftrain.data.sources import load_documents
@@ -142,11 +144,13 @@ def eval_(
                 table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
             console.print(table)
             result = {"model": model, "data": data, "metrics": metrics}
-    if output:
-        from selftrain.workspace import atomic_write_json
+    from selftrain.workspace import atomic_write_json
 
-        atomic_write_json(output, result)
-        console.print(f"wrote {output}")
+    if output is None:
+        output = Path("eval-results") / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_.") + ".json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(output, result)
+    console.print(f"wrote {output}")
 
 
 def _parse_shots(shots: str) -> list[int]:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from rich.console import Console
 
 from selftrain.data.pool import example_id, make_examples
 from selftrain.data.sources import load_documents
@@ -79,7 +80,7 @@ def _unit(text: str, seed: int) -> float:
 
 
 def predict(model, tokenizer, task: TaskSpec, texts: list[str], *, calibrate: bool, chat: bool,
-            batch_size: int) -> tuple[list[int], list[float], torch.Tensor]:
+            batch_size: int, progress: bool = False) -> tuple[list[int], list[float], torch.Tensor]:
     """Zero-shot label index, its (calibrated) probability, and all probabilities, for each text.
 
     Only the texts and the label names reach this function: there is no way for a gold label in.
@@ -89,7 +90,7 @@ def predict(model, tokenizer, task: TaskSpec, texts: list[str], *, calibrate: bo
     scoring = task.model_copy(update={"target_delimiter": ""}) if chat else task
     with torch.no_grad():
         lp = torch.tensor(choice_logprobs(model, tokenizer, scoring, prompts, [labels] * len(texts),
-                                          batch_size=batch_size))
+                                          batch_size=batch_size, progress=progress))
     probs = lp.softmax(-1)
     if calibrate:  # P(label | x) / mean_x P(label | x): no label is favoured just by the prompt
         probs = probs / probs.mean(0, keepdim=True)
@@ -133,11 +134,13 @@ def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotC
 
     acc = measure()
     history.append({"round": 0, "accuracy": acc})
+    if console is not None and acc is not None:
+        console.print(f"  zero-shot accuracy on {len(measured)} set-aside rows: {acc:.3f}")
     for rnd in range(1, cfg.rounds + 1):
         rng = random.Random(seed * 7919 + rnd)
         pool = rng.sample(texts, cfg.max_inputs) if cfg.max_inputs and len(texts) > cfg.max_inputs else texts
         pred, conf, _ = predict(model, tokenizer, task, pool, calibrate=cfg.calibrate, chat=chat,
-                                batch_size=cfg.batch_size)
+                                batch_size=cfg.batch_size, progress=console is not None)
         picked = select_balanced(pred, conf, len(labels), cfg.per_class, cfg.min_confidence)
         if not picked:
             raise SelftrainError(f"fewshot round {rnd}: no prediction reached min_confidence="
@@ -195,7 +198,8 @@ class FewshotStage(Stage):
         model, tokenizer = state.load_model()
         model, selected, history = self_train(model, tokenizer, task, texts, config, seed=state.seed,
                                               device=state.device, work_dir=state.stage_dir, log=state.log,
-                                              stage_key=state.stage_key, measured=measured)
+                                              stage_key=state.stage_key, measured=measured,
+                                              console=Console(stderr=True))
         model_dir = save_checkpoint(model.cpu(), tokenizer, state.stage_dir / "model")
         additions = []
         if config.add_to_pool:

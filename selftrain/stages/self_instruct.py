@@ -15,6 +15,7 @@ from typing import Literal
 
 from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
 
 from selftrain.data.pool import make_examples
 from selftrain.errors import SelftrainError
@@ -41,7 +42,7 @@ class SelfInstructConfig(StageConfig):
     temperature: float = Field(0.9, gt=0, description="Sampling temperature for proposals.")
     response_temperature: float = Field(0.0, ge=0, description="0 answers greedily.")
     max_instruction_tokens: int = Field(48, ge=4, description="Length cap of a proposed instruction.")
-    max_response_tokens: int = Field(96, ge=1, description="Length cap of a response.")
+    max_response_tokens: int = Field(128, ge=1, description="Length cap of a response; a response cut by it is dropped.")
     min_words: int = Field(3, ge=1, description="Shortest instruction kept, in words.")
     max_words: int = Field(60, ge=1, description="Longest instruction kept, in words.")
     max_rouge_l: float = Field(0.7, gt=0, le=1, description="Drop an instruction this ROUGE-L-similar to a kept one.")
@@ -159,6 +160,7 @@ class SelfInstructStage(Stage):
         backend = TransformersBackend(model, tokenizer, batch_size=config.batch_size)
         seeds = [s.instruction for s in config.seed_tasks]
         novelty = NoveltyFilter(seeds, state.pool.texts(), config.max_rouge_l, config.max_pool_jaccard)
+        console = Console(stderr=True)
         accepted: list[dict] = []
         dropped: dict[str, int] = {}
         proposed = 0
@@ -179,17 +181,19 @@ class SelfInstructStage(Stage):
                     dropped[problem] = dropped.get(problem, 0) + 1
                 else:
                     candidates.append(instruction)
-            if not candidates:
-                continue
             responses = backend.generate(
                 [response_prompt(c, tokenizer, chat) for c in candidates],
                 SamplingParams(max_new_tokens=config.max_response_tokens, temperature=config.response_temperature,
-                               top_p=0.95, seed=state.seed * 1000 + batch, stop=("\n\nInstruction:", "\nTask ")))
+                               top_p=0.95, seed=state.seed * 1000 + batch, stop=("\n\nInstruction:", "\nTask "))
+            ) if candidates else []
             for instruction, response in zip(candidates, responses):
                 response = response.strip()
                 if not response or _words(response) == _words(instruction):
                     dropped["empty_response"] = dropped.get("empty_response", 0) + 1
                     continue
+                if len(tokenizer(response, add_special_tokens=False)["input_ids"]) >= config.max_response_tokens - 1:
+                    dropped["truncated_response"] = dropped.get("truncated_response", 0) + 1
+                    continue  # cut mid-sentence: training on it (with EOS) would teach stopping mid-thought
                 reason, best = novelty.check(instruction, pair_text(instruction, response))
                 if reason:
                     dropped[reason] = dropped.get(reason, 0) + 1
@@ -200,6 +204,7 @@ class SelfInstructStage(Stage):
                     break
             state.log({"stage": state.stage_key, "phase": "self_instruct", "batch": batch + 1,
                        "proposed": proposed, "accepted": len(accepted)})
+            console.print(f"  batch {batch + 1}/{config.max_batches}: {proposed} proposed, {len(accepted)} accepted")
         metrics = {"proposed": proposed, "accepted": len(accepted), "dropped": dropped,
                    "acceptance_rate": len(accepted) / proposed if proposed else 0.0,
                    "examples": accepted[:5]}
