@@ -45,11 +45,16 @@ def write_report(ws: Workspace) -> Path:
               *task_keys):
         if k in base or k in final:
             lines.append(f"| {k} | {_fmt(base.get(k), 3)} | {_fmt(final.get(k), 3)} |")
-    lines += ["", "## Stages", "", "| stage | decision | ppl before | ppl after | distinct-2 | seconds | reason |",
-              "|---|---|---|---|---|---|---|"]
+    acc_keys = [k for k in task_keys if k.endswith("_acc")]
+    lines += ["", "## Stages", "", "| stage | decision | ppl before | ppl after | distinct-2 | "
+              + "".join(f"{k} | " for k in acc_keys) + "seconds | reason |",
+              "|---|---|---|---|---|" + "---|" * len(acc_keys) + "---|---|"]
+    after_by_key = {e["key"]: e.get("metrics_after") or {} for e in manifest.get("stages", [])}
     for r in rows:
+        after = after_by_key.get(r["stage"], {})
         lines.append(f"| {r['stage']} | {r['decision']} | {_fmt(r['ppl_before'])} | {_fmt(r['ppl_after'])} | "
-                     f"{_fmt(r['distinct_2'], 3)} | {_fmt(r['seconds'], 1)} | {r['reason']} |")
+                     f"{_fmt(r['distinct_2'], 3)} | " + "".join(f"{_fmt(after.get(k), 3)} | " for k in acc_keys)
+                     + f"{_fmt(r['seconds'], 1)} | {r['reason']} |")
     lines += _stage_details(manifest)
     for title, name in plots:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
@@ -80,7 +85,8 @@ def _stage_details(manifest: dict) -> list[str]:
             lines += ["", f"## {e['key']}: self-instruct", "",
                       f"{m['proposed']} instructions proposed, {m['accepted']} accepted; dropped: {dropped}."]
             for ex in m.get("examples", [])[:3]:
-                lines.append(f"- *{ex['instruction']}* → {ex['response'][:160]}")
+                response = " ".join(ex["response"].split())
+                lines.append(f"- *{ex['instruction']}* → {response[:160]}{'…' if len(response) > 160 else ''}")
     return lines
 
 
