@@ -123,15 +123,18 @@ def eval_(
         chat_mode = {"true": True, "false": False, "auto": "auto"}.get(chat.lower())
         if chat_mode is None:
             raise SelftrainError(f"--chat must be true, false or auto, not {chat!r}")
+        from selftrain.tasks import load_task
+
+        specs = [load_task(t) for t in task]  # a bad task file fails before the model loads
         quiet_libraries()
         m, tok = load_pretrained(model)
         texts = None
-        if not task or any(t.removeprefix("builtin:") == "cloze" for t in task):
+        if not specs or any(s.data.generator == "cloze" for s in specs):  # cloze cuts its rows from text
             texts = [t for _, t in load_documents(data)]
             if not texts:
                 raise SelftrainError(f"no text in {data}")
         if task:
-            result = _eval_tasks(m, tok, task, shot_list, limit, self_icl, chat_mode, texts, batch_size, seed,
+            result = _eval_tasks(m, tok, specs, shot_list, limit, self_icl, chat_mode, texts, batch_size, seed,
                                  log_samples)
         else:
             from selftrain.config import EvalConfig
@@ -163,18 +166,16 @@ def _parse_shots(shots: str) -> list[int]:
     return out
 
 
-def _eval_tasks(model, tok, task_refs, shot_list, limit, self_icl, chat, texts, batch_size, seed, log_samples):
+def _eval_tasks(model, tok, specs, shot_list, limit, self_icl, chat, texts, batch_size, seed, log_samples):
     from selftrain.evaluation.harness import evaluate_task
     from selftrain.evaluation.self_icl import self_icl_demos
     from selftrain.modeling.factory import model_kind
-    from selftrain.tasks import load_task
 
     if model_kind(model) != "causal":
         raise SelftrainError("task scoring needs a causal LM; this model is a masked LM")
     table = Table("task", "shots", "n", "acc", "± stderr", "acc_norm")
     results = []
-    for ref in task_refs:
-        spec = load_task(ref)
+    for spec in specs:
         docs = spec.docs(texts)
         docs = docs[:limit] if limit else docs
         runs = [(str(k), dict(shots=k)) for k in shot_list]

@@ -68,7 +68,7 @@ def test_shared_prompt_scoring_equals_scoring_each_pair(micro):
     prompts = ["The cat", "A small bird finds the river near the house. The old", "x"]
     choices = [["sees the red ball", "dog"], ["man", "teacher paints a tall tree", "river"], ["cat", "a"]]
     shared = harness.choice_logprobs(model, tok, task, prompts, choices, batch_size=2)
-    plain = harness._choice_logprobs_unshared(model, tok, task, prompts, choices, 1, False)
+    plain = harness._choice_logprobs_unshared(model, tok, task.target_delimiter, prompts, choices, 1, False)
     for a, b in zip(shared, plain):
         assert a == pytest.approx(b, abs=1e-4)
 

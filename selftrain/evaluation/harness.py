@@ -52,6 +52,12 @@ def build_prompt(task: TaskSpec, text: str, demos: list[Demo], tokenizer=None, c
     return prefix + task.fewshot_delimiter.join(parts)
 
 
+def answer_prefix(task: TaskSpec, chat: bool) -> str:
+    """What joins prompt and answer: the task's delimiter, or nothing after a chat template's
+    assistant header (the answer starts the assistant turn)."""
+    return "" if chat else task.target_delimiter
+
+
 def use_chat(chat: bool | str, tokenizer) -> bool:
     if chat == "auto":
         return bool(getattr(tokenizer, "chat_template", None))
@@ -136,22 +142,23 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size
 
 
 def choice_logprobs(model, tokenizer, task: TaskSpec, prompts: list[str], choices: list[list[str]], *,
-                    batch_size: int = 8, progress: bool = False) -> list[list[float]]:
-    """Log-likelihood of every choice of every prompt.
+                    chat: bool = False, batch_size: int = 8, progress: bool = False) -> list[list[float]]:
+    """Log-likelihood of every choice of every prompt (``chat``: prompts end in an assistant header).
 
     The prompt is run once and its KV cache shared by all its choices (a 5-way choice costs
     about one forward pass, not five); the result equals scoring each pair on its own.
     """
     max_length = context_length(model, tokenizer)
+    prefix = answer_prefix(task, chat)
     items = []
     for p, cs in zip(prompts, choices):
-        split = [split_pair(tokenizer, p, task.target_delimiter + c) for c in cs]
+        split = [split_pair(tokenizer, p, prefix + c) for c in cs]
         if any(ctx != split[0][0] for ctx, _ in split):  # a choice changed how the prompt tokenises
-            return _choice_logprobs_unshared(model, tokenizer, task, prompts, choices, batch_size, progress)
+            return _choice_logprobs_unshared(model, tokenizer, prefix, prompts, choices, batch_size, progress)
         conts = [cont for _, cont in split]
-        longest = max(map(len, conts))
-        _check_fits(max(conts, key=len), max_length)
-        items.append((split[0][0][-(max_length - longest + 1):], conts))
+        longest = max(conts, key=len)
+        _check_fits(longest, max_length)
+        items.append((split[0][0][-(max_length - len(longest) + 1):], conts))
     out: list[list[float]] = [[] for _ in items]
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     was_training = model.training
@@ -210,8 +217,8 @@ def _cache_kwarg(model, cache) -> dict:
     return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
 
 
-def _choice_logprobs_unshared(model, tokenizer, task, prompts, choices, batch_size, progress):
-    pairs = [(p, task.target_delimiter + c) for p, cs in zip(prompts, choices) for c in cs]
+def _choice_logprobs_unshared(model, tokenizer, prefix, prompts, choices, batch_size, progress):
+    pairs = [(p, prefix + c) for p, cs in zip(prompts, choices) for c in cs]
     flat = loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
     out, k = [], 0
     for cs in choices:
@@ -229,7 +236,7 @@ def evaluate_task(model, tokenizer, task: TaskSpec, shots: int = 0, *, docs: lis
     docs = docs if docs is not None else task.docs(texts)
     docs = docs[:limit] if limit else docs
     chat = use_chat(chat, tokenizer)
-    pool = task.fewshot_docs(texts) or docs
+    pool = (task.fewshot_docs(texts) or docs) if shots and demos_for is None else []
     prompts, demo_counts = [], []
     for i, doc in enumerate(docs):
         text = task.text(doc)
@@ -251,14 +258,13 @@ def evaluate_task(model, tokenizer, task: TaskSpec, shots: int = 0, *, docs: lis
 
 def _score_choices(model, tokenizer, task, docs, prompts, batch_size, progress, chat):
     choices = [task.choices(d) for d in docs]
-    if chat:  # the assistant turn starts right after the template's prompt: no delimiter
-        task = task.model_copy(update={"target_delimiter": ""})
-    scores = choice_logprobs(model, tokenizer, task, prompts, choices, batch_size=batch_size, progress=progress)
+    scores = choice_logprobs(model, tokenizer, task, prompts, choices, chat=chat, batch_size=batch_size,
+                             progress=progress)
     correct, correct_norm, records = [], [], []
     for doc, prompt, cs, lp in zip(docs, prompts, choices, scores):
         gold = task.target(doc)
         pred = max(range(len(cs)), key=lambda j: lp[j])
-        pred_norm = max(range(len(cs)), key=lambda j: lp[j] / max(1, len(task.target_delimiter + cs[j])))
+        pred_norm = max(range(len(cs)), key=lambda j: lp[j] / max(1, len(answer_prefix(task, chat) + cs[j])))
         correct.append(float(pred == gold))
         correct_norm.append(float(pred_norm == gold))
         records.append({"prompt": prompt, "choices": cs, "logprobs": lp, "prediction": cs[pred],

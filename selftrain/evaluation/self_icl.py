@@ -59,8 +59,7 @@ def _answer_zero_shot(model, tokenizer, task: TaskSpec, docs: list[dict], batch_
     prompts = [build_prompt(task, task.text(d), [], tokenizer, chat) for d in docs]
     if task.output_type == "multiple_choice":
         choices = [task.choices(d) for d in docs]
-        scoring_task = task.model_copy(update={"target_delimiter": ""}) if chat else task
-        scores = choice_logprobs(model, tokenizer, scoring_task, prompts, choices, batch_size=batch_size)
+        scores = choice_logprobs(model, tokenizer, task, prompts, choices, chat=chat, batch_size=batch_size)
         return [cs[max(range(len(cs)), key=lambda i: lp[i])] for cs, lp in zip(choices, scores)]
     backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
     outs = backend.generate(prompts, SamplingParams(max_new_tokens=task.generation.max_new_tokens, temperature=0,

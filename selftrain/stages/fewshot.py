@@ -23,7 +23,13 @@ from rich.console import Console
 from selftrain.data.pool import example_id, make_examples
 from selftrain.data.sources import load_documents
 from selftrain.errors import SelftrainError
-from selftrain.evaluation.harness import build_prompt, choice_logprobs, evaluate_task, use_chat
+from selftrain.evaluation.harness import (
+    answer_prefix,
+    build_prompt,
+    choice_logprobs,
+    evaluate_task,
+    use_chat,
+)
 from selftrain.modeling.factory import save_checkpoint
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult
 from selftrain.stages.sft import SFTOptions, sft_train
@@ -69,9 +75,13 @@ def label_task(task_ref: str, labels: list[str] | None) -> TaskSpec:
 
 def split_task_rows(task: TaskSpec, fraction: float, seed: int) -> tuple[list[str], list[dict]]:
     """(unlabelled texts, measured rows): a seeded hash split; the first side keeps only text."""
-    rows = task.docs()
-    measured = [r for r in rows if _unit(str(r[task.input_field]), seed) < fraction]
-    unlabelled = [str(r[task.input_field]) for r in rows if _unit(str(r[task.input_field]), seed) >= fraction]
+    unlabelled, measured = [], []
+    for row in task.docs():
+        text = str(row[task.input_field])
+        if _unit(text, seed) < fraction:
+            measured.append(row)
+        else:
+            unlabelled.append(text)
     return unlabelled, measured
 
 
@@ -87,9 +97,8 @@ def predict(model, tokenizer, task: TaskSpec, texts: list[str], *, calibrate: bo
     """
     labels = list(task.doc_to_choice)
     prompts = [prompt_for(task, t, tokenizer, chat) for t in texts]
-    scoring = task.model_copy(update={"target_delimiter": ""}) if chat else task
     with torch.no_grad():
-        lp = torch.tensor(choice_logprobs(model, tokenizer, scoring, prompts, [labels] * len(texts),
+        lp = torch.tensor(choice_logprobs(model, tokenizer, task, prompts, [labels] * len(texts), chat=chat,
                                           batch_size=batch_size, progress=progress))
     probs = lp.softmax(-1)
     if calibrate:  # P(label | x) / mean_x P(label | x): no label is favoured just by the prompt
@@ -146,7 +155,7 @@ def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotC
             raise SelftrainError(f"fewshot round {rnd}: no prediction reached min_confidence="
                                  f"{cfg.min_confidence}; lower it")
         prompts = [prompt_for(task, pool[i], tokenizer, chat) for i in picked]
-        completions = [("" if chat else task.target_delimiter) + labels[pred[i]] for i in picked]
+        completions = [answer_prefix(task, chat) + labels[pred[i]] for i in picked]
         model, train_metrics = sft_train(model, tokenizer, prompts, completions, cfg.train,
                                          out_dir=work_dir / f"sft-round{rnd}", seed=seed + rnd, device=device,
                                          log=log, stage_key=stage_key, append_eos=False)

@@ -139,7 +139,7 @@ class TaskSpec(BaseModel):
         return rows
 
     def _check_rows(self, rows: list[dict]) -> None:
-        """Render the first row fully so a missing field fails here with the row's number."""
+        """Render the first 50 rows fully so a missing field fails here, with the row's number."""
         for i, doc in enumerate(rows[:50]):
             try:
                 self.text(doc)
