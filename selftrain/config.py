@@ -100,7 +100,7 @@ class GuardConfig(Section):
 
 
 class TaskEval(Section):
-    task: str = Field(..., description="Built-in task (arith, bbc-topics, cloze) or a task YAML path.")
+    task: str = Field(..., description="Built-in task (arith, arith-chat, bbc-topics, cloze) or a task YAML path.")
     shots: list[int] = Field([0], description="Numbers of demonstrations to evaluate with.")
     limit: int | None = Field(200, ge=1, description="Items scored (the first N rows); null for all.")
     chat: bool | Literal["auto"] = Field(False, description="Wrap prompts in the tokenizer's chat template.")

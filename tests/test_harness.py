@@ -140,7 +140,7 @@ def test_bad_task_files_get_clear_errors(micro, tmp_path, fields, message):
 
 
 def test_unknown_task_malformed_yaml_and_bad_rows(tmp_path):
-    with pytest.raises(SelftrainError, match="built-in tasks are arith, bbc-topics, cloze"):
+    with pytest.raises(SelftrainError, match="built-in tasks are arith, arith-chat, bbc-topics, cloze"):
         load_task("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")

@@ -300,6 +300,11 @@ def answer_matches(task: TaskSpec, output: str, gold: str) -> bool:
     if task.match == "numeric":
         got, want = extract_number(output), extract_number(gold)
         return got is not None and want is not None and math.isclose(got, want)
+    if task.match == "final_number":
+        from selftrain.tasks.families import final_number
+
+        got, want = final_number(output), extract_number(gold)
+        return got is not None and want is not None and math.isclose(got, want)
     if task.match == "regex":
         m = re.search(task.regex, output)
         got = (m.group(1) if m.groups() else m.group()) if m else None

@@ -33,15 +33,24 @@ class TransformersBackend:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:
+        _, completions = self.generate_ids(prompts, sampling)
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return [_cut(t, sampling.stop) for t in texts]
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[str], sampling: SamplingParams) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompt token ids, completion token ids) per prompt, padding removed; a completion
+        keeps its EOS when it stopped, and is ``max_new_tokens`` long when it never did.
+        Stop strings are not applied here (they are cut from decoded text by ``generate``)."""
         tok, model = self.tokenizer, self.model
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         was_training = model.training
         model.eval()
         side, tok.padding_side = tok.padding_side, "left"
-        out: list[str] = []
+        prompt_out: list[list[int]] = []
+        completion_out: list[list[int]] = []
         max_len = getattr(model.config, "max_position_embeddings", None)
         try:
             for i in range(0, len(prompts), self.batch_size):
@@ -62,12 +71,23 @@ class TransformersBackend:
                     top_p=None if greedy else sampling.top_p, top_k=sampling.top_k or None,
                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 )
-                texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                out += [_cut(t, sampling.stop) for t in texts]
+                width = enc["input_ids"].shape[1]
+                for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist()):
+                    prompt_out.append([t for t, m in zip(row[:width], mask) if m])
+                    completion_out.append(_until_eos(row[width:], tok.eos_token_id))
         finally:
             tok.padding_side = side
             model.train(was_training)
-        return out
+        return prompt_out, completion_out
+
+
+def _until_eos(ids: list[int], eos) -> list[int]:
+    """Generated ids up to and including the first EOS (what follows is padding)."""
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    for j, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:j + 1]
+    return ids
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:

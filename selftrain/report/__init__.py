@@ -87,6 +87,24 @@ def _stage_details(manifest: dict) -> list[str]:
             for ex in m.get("examples", [])[:3]:
                 response = " ".join(ex["response"].split())
                 lines.append(f"- *{ex['instruction']}* → {response[:160]}{'…' if len(response) > 160 else ''}")
+        if e.get("name") == "selfplay" and m.get("env"):
+            lines += _selfplay_details(e, m)
+    return lines
+
+
+def _selfplay_details(entry: dict, m: dict) -> list[str]:
+    """First vs last quarter of steps for every logged signal, the env's counts, the stage's plot."""
+    lines = ["", f"## {entry['key']}: self-play `{m['env']}` ({m.get('algorithm')})", ""]
+    firsts = sorted(k[:-len("/first")] for k in m if k.endswith("/first"))
+    if firsts:
+        lines += ["| signal | first quarter of steps | last quarter |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(m.get(k + '/first'), 3)} | {_fmt(m.get(k + '/last'), 3)} |" for k in firsts]
+    counts = {k: v for k, v in m.items() if k.endswith("_total") or k.startswith("skipped/")}
+    if counts:
+        lines += ["", "Counts: " + ", ".join(f"{k.removeprefix('env/')} {v}" for k, v in sorted(counts.items())) + "."]
+    for r in m.get("rounds", []):
+        lines.append("- round: " + ", ".join(f"{k} {_fmt(v, 3) if isinstance(v, float) else v}" for k, v in r.items()))
+    lines += ["", f"![{entry['key']}](stages/{entry['key']}/selfplay.png)"]
     return lines
 
 

@@ -62,7 +62,8 @@ class TaskSpec(BaseModel):
     input_field: str | None = Field(None, description="The row field holding free input text (for Self-ICL).")
     target_delimiter: str = Field(" ", description="Between the prompt and the answer.")
     fewshot_delimiter: str = Field("\n\n", description="Between demonstrations.")
-    match: Literal["exact", "numeric", "regex"] = Field("exact", description="generate: how answers match.")
+    match: Literal["exact", "numeric", "final_number", "regex"] = Field(
+        "exact", description="generate: how answers match (numeric: the first number; final_number: the last).")
     regex: str | None = Field(None, description="match=regex: pattern whose first group is the answer.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="generate: decoding.")
     source_dir: Path | None = Field(None, exclude=True, description="Folder of the YAML (for relative paths).")

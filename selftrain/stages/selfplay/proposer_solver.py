@@ -1,0 +1,196 @@
+"""Environment `tasks`: proposer/solver self-play on a verifiable task family (Absolute Zero style).
+
+Each GRPO step has ``groups`` slots of ``G`` completions. Some slots are *proposer* groups: the
+model writes G problems (shown a few of its earlier ones, so it varies them). The family parses
+each and computes its answer; every valid problem is then solved G times by the model. Those
+solutions both score the proposal — learnability, highest when the solve rate is neither 0 nor 1
+— and fill the *solver* groups, frontier problems first (a group whose answers are all right or
+all wrong carries no GRPO signal). Slots still empty take problems from the replay buffer of
+earlier proposals, and only if that is empty too become extra proposer groups.
+
+With ``problem_source: generator`` the family's random generator replaces the proposer (the
+comparison arm of ``bench/selfplay_arith.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from selftrain.stages.selfplay.grpo import EnvMetrics
+from selftrain.tasks.families import Problem
+
+
+def learnability(solve_rate: float | None, kind: str = "azr") -> float:
+    """0 for problems always or never solved; otherwise ``1 - rate`` (azr: harder pays more while
+    still solvable, Zhao et al. 2025) or ``4 rate (1 - rate)`` (variance: peaks at one half)."""
+    if solve_rate is None or solve_rate <= 0.0 or solve_rate >= 1.0:
+        return 0.0
+    return 1.0 - solve_rate if kind == "azr" else 4.0 * solve_rate * (1.0 - solve_rate)
+
+
+class ProposerSolverEnv(EnvMetrics):
+    def __init__(self, family, tokenizer, *, chat: bool, source: str = "model", train_proposer: bool = True,
+                 propose_fraction: float = 0.25, examples_in_prompt: int = 3, buffer_size: int = 512,
+                 learnability_kind: str = "azr", proposal_tokens: int = 32, seed: int = 0):
+        self.family, self.tok, self.chat = family, tokenizer, chat
+        self.source, self.train_proposer = source, train_proposer and source == "model"
+        self.propose_fraction, self.examples_in_prompt = propose_fraction, examples_in_prompt
+        self.buffer: dict[str, Problem] = {}  # key -> problem, in insertion order (oldest first)
+        self.buffer_size, self.learnability_kind = buffer_size, learnability_kind
+        self.proposal_tokens = proposal_tokens
+        self.rng = random.Random(seed)
+        super().__init__()
+
+    # ------------------------------------------------------------------ prompts
+    def render(self, user_text: str) -> str:
+        if self.chat:
+            return self.tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                                add_generation_prompt=True)
+        return f"{user_text}\n"
+
+    def solver_prompt(self, p: Problem) -> str:
+        return self.render(self.family.solver_question(p)) if self.chat else \
+            f"Question: {self.family.solver_question(p)}\nAnswer:"
+
+    def proposer_prompt(self) -> str:
+        text = self.family.proposer_instruction
+        shown = self.rng.sample(list(self.buffer.values()), min(self.examples_in_prompt, len(self.buffer)))
+        if shown:
+            text += "\nProblems written before (write a different one):\n" + "\n".join(
+                f"- {self.family.solver_question(p).split('?')[0]}?" for p in shown)
+        return self.render(text)
+
+    # ------------------------------------------------------------------ one step
+    def rollout(self, groups: int, g: int, backend, sampling) -> dict:
+        solver_slots = groups - (max(1, round(groups * self.propose_fraction)) if self.train_proposer else 0)
+        out = {k: [] for k in ("prompt_ids", "completion_ids", "role", "problem", "solve_rate")}
+        stats = Counter()
+
+        if self.source == "generator":
+            problems = [self.family.random_problem(self.rng) for _ in range(solver_slots)]
+            solved = self._solve(problems, g, backend, sampling)
+            self._emit_solver(out, solved, g)
+            self._record(stats, [], solved, groups)
+            return out
+
+        proposer_groups = groups - solver_slots if self.train_proposer else 1
+        proposals = self._propose(proposer_groups, g, backend, sampling, stats)
+        unique = {p.key: p for _, _, p in proposals if p is not None}
+        solved = self._solve(list(unique.values()), g, backend, sampling)
+        rate = {key: s[3] for key, s in zip(unique, solved)}
+        for p in unique.values():
+            self._remember(p)
+
+        # solver groups: frontier problems first, then the rest of this step's, then the replay buffer
+        ranked = sorted(solved, key=lambda s: (not 0 < s[3] < 1, self.rng.random()))
+        chosen = ranked[:solver_slots]
+        missing = solver_slots - len(chosen)
+        if missing and self.buffer:
+            fresh = set(unique)
+            old = [p for k, p in self.buffer.items() if k not in fresh]
+            replay = self.rng.sample(old, min(missing, len(old)))
+            stats["replayed"] += len(replay)
+            chosen += self._solve(replay, g, backend, sampling)
+            missing = solver_slots - len(chosen)
+        emitted = proposals if self.train_proposer else []
+        if missing:  # nothing to solve yet: these slots become proposer groups
+            extra = self._propose(missing, g, backend, sampling, stats)
+            more = {p.key: p for _, _, p in extra if p is not None and p.key not in unique}
+            for p, s in zip(more.values(), self._solve(list(more.values()), g, backend, sampling)):
+                rate[p.key] = s[3]
+                self._remember(p)
+            proposals, emitted = proposals + extra, emitted + extra
+            stats["slots_to_proposer"] += missing
+
+        for prompt_ids, completion_ids, p in emitted:
+            out["prompt_ids"].append(prompt_ids)
+            out["completion_ids"].append(completion_ids)
+            out["role"].append("propose")
+            out["problem"].append(p)
+            out["solve_rate"].append(rate.get(p.key) if p is not None else None)
+        self._emit_solver(out, chosen, g)
+        self._record(stats, proposals, chosen, groups, rate)
+        return out
+
+    def _propose(self, n_groups, g, backend, sampling, stats):
+        # one prompt per group (the G proposals of a group share it), each showing other examples
+        prompts = [prompt for _ in range(n_groups) for prompt in [self.proposer_prompt()] * g]
+        ids_in, ids_out = backend.generate_ids(prompts, _with(sampling, max_new_tokens=self.proposal_tokens))
+        texts = self.tok.batch_decode(ids_out, skip_special_tokens=True)
+        parsed = [self.family.parse(t) for t in texts]
+        stats["proposed"] += len(parsed)
+        stats["unparsable"] += sum(p is None for p in parsed)
+        return list(zip(ids_in, ids_out, parsed))
+
+    def _solve(self, problems: list[Problem], g, backend, sampling):
+        """[(problem, prompt_ids, completion_ids list, solve_rate)] from G sampled answers each."""
+        if not problems:
+            return []
+        prompts = [self.solver_prompt(p) for p in problems for _ in range(g)]
+        ids_in, ids_out = backend.generate_ids(prompts, sampling)
+        texts = self.tok.batch_decode(ids_out, skip_special_tokens=True)
+        result = []
+        for i, p in enumerate(problems):
+            span = slice(i * g, (i + 1) * g)
+            correct = [self.family.check(t, p) for t in texts[span]]
+            result.append((p, ids_in[i * g], ids_out[span], sum(correct) / g))
+        return result
+
+    def _emit_solver(self, out, solved, g):
+        for p, prompt_ids, completions, rate in solved:
+            for c in completions:
+                out["prompt_ids"].append(prompt_ids)
+                out["completion_ids"].append(c)
+                out["role"].append("solve")
+                out["problem"].append(p)
+                out["solve_rate"].append(rate)
+
+    def _remember(self, p: Problem) -> None:
+        self.buffer.pop(p.key, None)
+        self.buffer[p.key] = p
+        while len(self.buffer) > self.buffer_size:
+            self.buffer.pop(next(iter(self.buffer)))
+
+    def _record(self, stats, proposals, solved, groups, rate=None):
+        rates = [s[3] for s in solved]
+        valid = [p for _, _, p in proposals if p is not None]
+        m = {
+            "solve_rate": sum(rates) / len(rates) if rates else float("nan"),
+            "frontier_fraction": sum(0 < r < 1 for r in rates) / len(rates) if rates else float("nan"),
+        }
+        if proposals:
+            prop_rates = [rate[p.key] for p in valid if rate and p.key in rate]
+            m.update({
+                "valid_proposals": len(valid) / len(proposals),
+                "unique_proposals": len({p.key for p in valid}) / len(proposals),
+                # difficulty of what the proposer writes: its own failure rate on its problems
+                "proposal_difficulty": 1 - sum(prop_rates) / len(prop_rates) if prop_rates else float("nan"),
+                "proposal_learnability": (sum(learnability(r, self.learnability_kind) for r in prop_rates)
+                                          / len(prop_rates)) if prop_rates else float("nan"),
+            })
+        self.counts.update(stats)
+        self.counts["steps"] += 1
+        for k, v in m.items():
+            self.note(k, v)
+
+    # ------------------------------------------------------------------ rewards (TRL convention)
+    def rewards(self):
+        family, kind = self.family, self.learnability_kind
+
+        def solver_correct(prompts, completions, role, problem, **_):
+            return [float(family.check(c, p)) if r == "solve" else None
+                    for c, r, p in zip(completions, role, problem)]
+
+        def proposer_learnability(prompts, completions, role, solve_rate, **_):
+            return [learnability(s, kind) if r == "propose" else None for r, s in zip(role, solve_rate)]
+
+        def proposal_valid(prompts, completions, role, problem, **_):
+            return [float(p is not None) if r == "propose" else None for r, p in zip(role, problem)]
+
+        return {"solver_correct": solver_correct, "proposer_learnability": proposer_learnability,
+                "proposal_valid": proposal_valid}
+
+
+def _with(sampling, **changes):
+    return type(sampling)(**{**sampling.__dict__, **changes})

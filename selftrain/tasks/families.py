@@ -1,0 +1,171 @@
+"""Verifiable task families for proposer/solver self-play.
+
+The model (as proposer) writes a problem in free text; the family parses it and computes the
+answer with code (Python arithmetic, a string function, or the sandbox running a program), so
+no answer is ever written by a person or trusted from the model. The model (as solver) then
+answers the family's solver prompt, and ``check`` compares its answer with the computed one.
+
+A family is a small class: ``proposer_instruction`` (what to write), ``parse`` (text ->
+``Problem`` or None when unparsable / outside the family), ``solver_question`` and ``check``.
+``random_problem`` draws from the family's own generator, for the comparison arm of benches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+from selftrain.errors import SelftrainError
+from selftrain.sandbox import SandboxLimits, run_python
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str  # what the solver is asked, without the answer format instruction
+    answer: str  # computed by the family, never by the model
+    key: str  # canonical form, for deduplication and the replay buffer
+
+
+_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """The last number in ``text`` (a solver may restate the question before answering)."""
+    found = _NUM.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+class Arithmetic:
+    """``A op B`` with operands of a fixed number of digits, e.g. two-digit addition."""
+
+    name = "arithmetic"
+
+    def __init__(self, digits: int = 2, ops: tuple[str, ...] = ("+",)):
+        if not ops or any(op not in "+-*" for op in ops):
+            raise SelftrainError(f"arithmetic ops must be some of + - *, got {ops!r}")
+        self.digits, self.ops = digits, tuple(ops)
+        self.lo, self.hi = (10 ** (digits - 1) if digits > 1 else 0), 10 ** digits - 1
+        words = {"+": "addition", "-": "subtraction", "*": "multiplication"}
+        kinds = " or ".join(words[o] for o in self.ops)
+        self.proposer_instruction = (
+            f"Write one new {kinds} problem with two {digits}-digit numbers. "
+            f"Write it exactly in the form: What is A {self.ops[0]} B?")
+        self._pattern = re.compile(r"(-?\d+)\s*([" + re.escape("".join(self.ops)) + r"xX×])\s*(-?\d+)")
+
+    def parse(self, text: str) -> Problem | None:
+        m = self._pattern.search(text)
+        if not m:
+            return None
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        op = "*" if op in "xX×" else op
+        if op not in self.ops or not all(self.lo <= v <= self.hi for v in (a, b)):
+            return None  # outside the family: wrong size or operator
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return Problem(f"{a} {op} {b}", str(answer), f"{a}{op}{b}")
+
+    def solver_question(self, p: Problem) -> str:
+        return f"What is {p.question}? Reply with only the number."
+
+    def check(self, completion: str, p: Problem) -> bool:
+        got = final_number(completion)
+        return got is not None and math.isclose(got, float(p.answer))
+
+    def random_problem(self, rng: random.Random) -> Problem:
+        a, b, op = rng.randint(self.lo, self.hi), rng.randint(self.lo, self.hi), rng.choice(self.ops)
+        return self.parse(f"{a} {op} {b}")
+
+
+_TRANSFORMS = {
+    "reverse": lambda s: s[::-1],
+    "uppercase": str.upper,
+    "lowercase": str.lower,
+    "sort the letters of": lambda s: "".join(sorted(s)),
+    "double": lambda s: s + s,
+    "count the vowels in": lambda s: str(sum(c in "aeiouAEIOU" for c in s)),
+}
+
+
+class StringTransforms:
+    """Named string functions of a short word: reverse "plane", uppercase "tree", ..."""
+
+    name = "strings"
+
+    def __init__(self, max_len: int = 8):
+        self.max_len = max_len
+        names = ", ".join(_TRANSFORMS)
+        self.proposer_instruction = (
+            f"Write one new string puzzle. Choose one operation from: {names}; and one English word "
+            f"of at most {max_len} letters. Write it exactly in the form: operation \"word\"")
+        self._pattern = re.compile(r"(" + "|".join(map(re.escape, _TRANSFORMS)) + r")\s*(?:the word\s*)?"
+                                   r"[\"'“]([A-Za-z]{1," + str(max_len) + r"})[\"'”]", re.IGNORECASE)
+
+    def parse(self, text: str) -> Problem | None:
+        m = self._pattern.search(text)
+        if not m:
+            return None
+        op, word = m.group(1).lower(), m.group(2)
+        return Problem(f'{op} "{word}"', _TRANSFORMS[op](word), f"{op}:{word}")
+
+    def solver_question(self, p: Problem) -> str:
+        return f"What is the result of: {p.question}? Reply with only the result."
+
+    def check(self, completion: str, p: Problem) -> bool:
+        line = completion.strip().split("\n")[0].strip().strip(".").strip("\"'“”` ")
+        return line == p.answer
+
+    def random_problem(self, rng: random.Random) -> Problem:
+        words = ["plane", "river", "stone", "garden", "pencil", "window", "apple", "tiger", "cloud", "music"]
+        return self.parse(f'{rng.choice(list(_TRANSFORMS))} "{rng.choice(words)}"')
+
+
+_CODE = re.compile(r"```(?:python)?\s*\n(.*?)```", re.DOTALL)
+
+
+class PythonPrograms:
+    """A short program that prints one line; the sandbox runs it to compute the answer."""
+
+    name = "python"
+
+    def __init__(self, max_lines: int = 8, limits: SandboxLimits | None = None):
+        self.max_lines = max_lines
+        self.limits = limits or SandboxLimits(cpu_seconds=1, wall_seconds=3, memory_mb=256, output_chars=200)
+        self.proposer_instruction = (
+            f"Write one new short Python program (at most {max_lines} lines) that defines a function and "
+            "prints one value computed by it. Put the program in a ```python code block.")
+
+    def parse(self, text: str) -> Problem | None:
+        m = _CODE.search(text)
+        code = (m.group(1) if m else "").strip()
+        if not code or "print(" not in code or code.count("\n") >= self.max_lines:
+            return None
+        result = run_python(code, limits=self.limits)
+        out = result.stdout.strip()
+        if not result.ok or not out or "\n" in out:
+            return None  # crashed, timed out, printed nothing or several lines: not a usable problem
+        return Problem(f"```python\n{code}\n```", out, " ".join(code.split()))
+
+    def solver_question(self, p: Problem) -> str:
+        return f"What does this program print?\n{p.question}\nReply with only the output."
+
+    def check(self, completion: str, p: Problem) -> bool:
+        return completion.strip().split("\n")[0].strip().strip("`") == p.answer
+
+    def random_problem(self, rng: random.Random) -> Problem:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        body = rng.choice(["return x * {a} + {b}", "return x ** 2 - {b}", "return sum(range(x)) + {a}"])
+        code = f"def f(x):\n    {body.format(a=a, b=b)}\nprint(f({rng.randint(1, 9)}))"
+        return self.parse(f"```python\n{code}\n```")
+
+
+FAMILIES = {"arithmetic": Arithmetic, "strings": StringTransforms, "python": PythonPrograms}
+
+
+def make_family(name: str, **options):
+    if name not in FAMILIES:
+        raise SelftrainError(f"unknown task family {name!r}; choose one of {sorted(FAMILIES)}")
+    try:
+        return FAMILIES[name](**options)
+    except TypeError as e:
+        raise SelftrainError(f"bad options for task family {name!r}: {e}") from None
