@@ -43,12 +43,17 @@ def heldout_problems(family: Arithmetic):
 
 
 @torch.no_grad()
-def accuracy(model, env: ProposerSolverEnv, problems, precision: str) -> float:
+def accuracy(model, env: ProposerSolverEnv, problems, precision: str, show: int = 3) -> float:
     backend = TransformersBackend(model, env.tok, batch_size=100)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         ids_in, ids_out = backend.generate_ids([env.solver_prompt(p) for p in problems],
                                                SamplingParams(max_new_tokens=16, temperature=0))
     texts = env.tok.batch_decode(ids_out, skip_special_tokens=True)
+    if show:  # what the solver writes, and what the proposer has been writing lately
+        print("    answers:", " | ".join(f"{p.question} -> {t.strip()!r}" for p, t in zip(problems[:show], texts)))
+        recent = list(env.buffer)[-6:]
+        if recent:
+            print("    recent proposals (solve rate):", ", ".join(f"{k} ({env.rates.get(k, 0):.2f})" for k in recent))
     return sum(env.family.check(t, p) for t, p in zip(texts, problems)) / len(problems)
 
 
@@ -128,8 +133,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30, help="training budget per arm (evaluation excluded)")
     ap.add_argument("--arms", default="model,generator", help="comma list of: model, generator")
     ap.add_argument("--eval-every", type=int, default=10, help="steps between held-out measurements")
-    ap.add_argument("--max-steps", type=int, default=10_000, help="upper bound; the time budget usually ends first")
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--max-steps", type=int, default=80,
+                    help="the cosine schedule's horizon (about 30 minutes of steps here); the time budget may end first")
+    ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--groups", type=int, default=4, help="GRPO groups per step (one is the proposer's)")
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.7)

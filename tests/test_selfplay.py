@@ -45,6 +45,7 @@ def test_arithmetic_family_computes_answers_and_rejects_out_of_family():
     assert fam.parse("no numbers here") is None
     assert fam.check("23 + 45 = 68", p) and fam.check("The answer is 68.", p)
     assert not fam.check("68 is wrong, it is 69", p) and not fam.check("I don't know", p)
+    assert fam.check("23 + 45 = 68\n\nThis is 2 numbers", p)  # judged on the first line
     assert final_number("1,234 and then 5") == 5.0
     r = fam.random_problem(random.Random(0))
     assert int(r.answer) == sum(int(x) for x in r.question.split(" + "))
@@ -207,6 +208,15 @@ def test_rollout_fills_every_slot_and_counts_unparsable_proposals(micro):
     assert bad.counts["slots_to_proposer"] == 3 and bad.counts["unparsable"] == 16
 
 
+def test_proposer_is_shown_its_earlier_problems(micro):
+    _, tok = micro
+    env = ProposerSolverEnv(PythonPrograms(), tok, chat=False, seed=0)
+    assert "written before" not in env.proposer_prompt()
+    env._remember(env.family.random_problem(random.Random(0)), 0.5)
+    prompt = env.proposer_prompt()
+    assert "written before" in prompt and "def f(x):" in prompt and env.family.proposer_instruction in prompt
+
+
 def test_generation_that_never_stops_is_capped(micro):
     _, tok = micro
     env = ProposerSolverEnv(Arithmetic(), tok, chat=False, source="generator", seed=0)
@@ -282,6 +292,8 @@ def test_stage_tasks_env_writes_steps_and_plot(tmp_path):
     assert len(steps) == 2 and "rewards/solver_correct/mean" in steps[0] and "env/solve_rate" in steps[0]
     assert (stage_dir / "selfplay.png").stat().st_size > 1000
     assert entry["stage_metrics"]["env/steps_total"] == 2
+    report = (stage_dir.parent.parent / "report.md").read_text()
+    assert "self-play `tasks` (grpo)" in report and "selfplay.png" in report and "solve_rate" in report
 
 
 def test_stage_dialogue_env_with_model_openers(tmp_path):

@@ -6,7 +6,8 @@ no answer is ever written by a person or trusted from the model. The model (as s
 answers the family's solver prompt, and ``check`` compares its answer with the computed one.
 
 A family is a small class: ``proposer_instruction`` (what to write), ``parse`` (text ->
-``Problem`` or None when unparsable / outside the family), ``solver_question`` and ``check``.
+``Problem`` or None when unparsable / outside the family), ``example`` (a problem as the proposer
+is shown it), ``solver_question`` and ``check``.
 ``random_problem`` draws from the family's own generator, for the comparison arm of benches.
 """
 
@@ -65,11 +66,15 @@ class Arithmetic:
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]
         return Problem(f"{a} {op} {b}", str(answer), f"{a}{op}{b}")
 
+    def example(self, p: Problem) -> str:
+        return f"What is {p.question}?"
+
     def solver_question(self, p: Problem) -> str:
         return f"What is {p.question}? Reply with only the number."
 
     def check(self, completion: str, p: Problem) -> bool:
-        got = final_number(completion)
+        """The last number of the first line: "23 + 45 = 68" counts; what follows a newline does not."""
+        got = final_number(completion.strip().split("\n")[0])
         return got is not None and math.isclose(got, float(p.answer))
 
     def random_problem(self, rng: random.Random) -> Problem:
@@ -108,6 +113,9 @@ class StringTransforms:
         op, word = m.group(1).lower(), m.group(2)
         return Problem(f'{op} "{word}"', _TRANSFORMS[op](word), f"{op}:{word}")
 
+    def example(self, p: Problem) -> str:
+        return p.question
+
     def solver_question(self, p: Problem) -> str:
         return f"What is the result of: {p.question}? Reply with only the result."
 
@@ -145,6 +153,9 @@ class PythonPrograms:
         if not result.ok or not out or "\n" in out:
             return None  # crashed, timed out, printed nothing or several lines: not a usable problem
         return Problem(f"```python\n{code}\n```", out, " ".join(code.split()))
+
+    def example(self, p: Problem) -> str:
+        return p.question
 
     def solver_question(self, p: Problem) -> str:
         return f"What does this program print?\n{p.question}\nReply with only the output."

@@ -35,8 +35,10 @@ class SelfplayConfig(StageConfig):
     algorithm: Literal["auto", "grpo", "dpo"] = Field(
         "auto", description="auto: GRPO for tasks/dialogue, DPO for self_reward/spin (the only pairings that fit).")
     max_steps: int = Field(50, ge=1, description="Optimizer steps (GRPO steps, or DPO steps per round).")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps; then the rate stays constant.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (1e-5 held steady on SmolLM2; 2e-5 collapsed once).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before the schedule.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay to 0 over max_steps (measured: a constant 1e-5 peaked then drifted on SmolLM2).")
     beta: float = Field(0.0, ge=0, description="GRPO: KL penalty to the start model (0 loads no reference copy).")
     num_generations: int = Field(8, ge=2, description="Completions per prompt: a GRPO group, or candidates judged.")
     groups_per_step: int = Field(4, ge=1, description="GRPO: prompt groups per optimizer step.")
@@ -59,6 +61,7 @@ class SelfplayConfig(StageConfig):
     train_proposer: bool = Field(True, description="tasks: also train the proposer on learnability (else it only proposes).")
     propose_fraction: float = Field(0.25, gt=0, lt=1, description="tasks: share of groups that are proposer groups.")
     learnability: Literal["azr", "variance"] = Field("azr", description="tasks: proposer reward shape (1-p, or 4p(1-p)) for 0<p<1.")
+    proposal_temperature: float = Field(1.0, gt=0, description="tasks: sampling temperature of proposals (more varied problems than the solver's).")
     # --- env: dialogue
     seeds: Literal["chatterbot", "model"] = Field("chatterbot", description="dialogue: seed conversations from chatterbot-corpus, or model-written topics.")
     topics: list[str] = Field(default_factory=lambda: ["travel", "food", "science", "music", "sports", "books"],
@@ -152,7 +155,7 @@ class SelfplayStage(Stage):
             env = ProposerSolverEnv(make_family(config.family, **config.family_options), tokenizer, chat=chat,
                                     source=config.problem_source, train_proposer=config.train_proposer,
                                     propose_fraction=config.propose_fraction, learnability_kind=config.learnability,
-                                    seed=state.seed)
+                                    proposal_temperature=config.proposal_temperature, seed=state.seed)
         else:
             from selftrain.stages.selfplay.dialogue import DialogueEnv
 

@@ -100,12 +100,15 @@ class DialogueEnv(EnvMetrics):
     # ------------------------------------------------------------------ one step
     def rollout(self, groups: int, g: int, backend, sampling) -> dict:
         while len(self.active) < groups:
-            self.active += self._openers(groups - len(self.active), backend, sampling)
-            self.counts["conversations_started"] += groups
+            new = self._openers(groups - len(self.active), backend, sampling)
+            self.active += new
+            self.counts["conversations_started"] += len(new)
         convs = self.active[:groups]
         prompts = [self.render(c) for c in convs for _ in range(g)]
         previous = [c[-1] for c in convs for _ in range(g)]
         ids_in, ids_out = backend.generate_ids(prompts, sampling)
+        if not self.chat:  # a plain LM writes the other speaker's lines too: a turn ends at its line's end
+            ids_out = [_first_line(self.tok, ids) for ids in ids_out]
         texts = [t.strip() for t in self.tok.batch_decode(ids_out, skip_special_tokens=True)]
         for k, conv in enumerate(convs):
             candidates = [t for t in texts[k * g:(k + 1) * g] if t]
@@ -122,3 +125,11 @@ class DialogueEnv(EnvMetrics):
 
     def rewards(self):
         return {"coherence": self.coherence, "relevance": self.relevance, "non_repetition": non_repetition}
+
+
+def _first_line(tokenizer, ids: list[int]) -> list[int]:
+    """The completion's tokens up to the one that starts a new line (kept, so the turn is ended)."""
+    for j in range(1, len(ids) + 1):
+        if "\n" in tokenizer.decode(ids[:j], skip_special_tokens=True).lstrip("\n"):
+            return ids[:j]
+    return ids

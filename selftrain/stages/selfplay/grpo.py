@@ -25,6 +25,8 @@ from transformers import TrainerCallback
 from selftrain.errors import SelftrainError
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
 
 class GuardedReward:
     """A reward function that fails soft: errors become skipped samples, counted in ``failures``."""
@@ -135,7 +137,7 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
         per_device_train_batch_size=groups * g, gradient_accumulation_steps=1, num_generations=g,
         max_completion_length=opts.completion_tokens, temperature=opts.temperature,
         beta=opts.beta, reward_weights=[w for _, w in rewards.values()], loss_type=opts.loss_type,
-        scale_rewards=opts.scale_rewards, lr_scheduler_type="constant_with_warmup", warmup_steps=opts.warmup_steps,
+        scale_rewards=opts.scale_rewards, lr_scheduler_type=SCHEDULES[opts.lr_scheduler], warmup_steps=opts.warmup_steps,
         logging_steps=1, save_strategy="no", report_to=[], seed=seed, disable_tqdm=False,
         bf16=precision == "bf16", fp16=precision == "fp16", gradient_checkpointing=False,
         use_cpu=model.device.type == "cpu", dataloader_num_workers=0, shuffle_dataset=False,

@@ -22,7 +22,7 @@ from selftrain.evaluation.harness import use_chat
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 from selftrain.rewards.judge import SelfJudge
 from selftrain.stages.pretrain import resolve_precision
-from selftrain.stages.selfplay.grpo import StepRecorder
+from selftrain.stages.selfplay.grpo import SCHEDULES, StepRecorder
 
 QUESTION_ASK = "Write one question that a curious person might ask about {topic}. Write only the question."
 
@@ -110,7 +110,7 @@ def dpo_train(model, tokenizer, pairs: list[dict], config, *, out_dir, seed: int
     args = DPOConfig(
         output_dir=str(out_dir), max_steps=config.max_steps, learning_rate=config.learning_rate,
         per_device_train_batch_size=min(config.batch_size, len(pairs)), beta=config.dpo_beta,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=config.warmup_steps, logging_steps=1,
+        lr_scheduler_type=SCHEDULES[config.lr_scheduler], warmup_steps=config.warmup_steps, logging_steps=1,
         save_strategy="no", report_to=[], seed=seed, bf16=precision == "bf16", fp16=precision == "fp16",
         gradient_checkpointing=False, use_cpu=model.device.type == "cpu", dataloader_num_workers=0,
         max_length=getattr(model.config, "max_position_embeddings", 1024),

@@ -32,13 +32,15 @@ def learnability(solve_rate: float | None, kind: str = "azr") -> float:
 class ProposerSolverEnv(EnvMetrics):
     def __init__(self, family, tokenizer, *, chat: bool, source: str = "model", train_proposer: bool = True,
                  propose_fraction: float = 0.25, examples_in_prompt: int = 3, buffer_size: int = 512,
-                 learnability_kind: str = "azr", proposal_tokens: int = 32, seed: int = 0):
+                 learnability_kind: str = "azr", proposal_tokens: int = 32, proposal_temperature: float = 1.0,
+                 seed: int = 0):
         self.family, self.tok, self.chat = family, tokenizer, chat
         self.source, self.train_proposer = source, train_proposer and source == "model"
         self.propose_fraction, self.examples_in_prompt = propose_fraction, examples_in_prompt
         self.buffer: dict[str, Problem] = {}  # key -> problem, in insertion order (oldest first)
+        self.rates: dict[str, float] = {}  # key -> the solve rate last measured
         self.buffer_size, self.learnability_kind = buffer_size, learnability_kind
-        self.proposal_tokens = proposal_tokens
+        self.proposal_tokens, self.proposal_temperature = proposal_tokens, proposal_temperature
         self.rng = random.Random(seed)
         super().__init__()
 
@@ -53,12 +55,21 @@ class ProposerSolverEnv(EnvMetrics):
         return self.render(self.family.solver_question(p)) if self.chat else \
             f"Question: {self.family.solver_question(p)}\nAnswer:"
 
+    def _frontier_first(self, keys: list[str]) -> list[str]:
+        """Buffer keys in random order, those last solved sometimes (0 < rate < 1) first, then
+        those never solved, then the always-solved ones."""
+        rank = {k: (0 if 0 < self.rates.get(k, 1.0) < 1 else 1 if self.rates.get(k, 1.0) == 0 else 2) for k in keys}
+        return sorted(keys, key=lambda k: (rank[k], self.rng.random()))
+
     def proposer_prompt(self) -> str:
+        """The instruction plus a few earlier problems, frontier ones first: a proposer shown what
+        is hard for its solver writes more problems like them (measured: shown random earlier
+        problems it drifts to easy ones and most solver groups lose their signal)."""
         text = self.family.proposer_instruction
-        shown = self.rng.sample(list(self.buffer.values()), min(self.examples_in_prompt, len(self.buffer)))
+        shown = [self.buffer[k] for k in self._frontier_first(list(self.buffer))[:self.examples_in_prompt]]
         if shown:
             text += "\nProblems written before (write a different one):\n" + "\n".join(
-                f"- {self.family.solver_question(p).split('?')[0]}?" for p in shown)
+                f"- {self.family.example(p)}" for p in shown)
         return self.render(text)
 
     # ------------------------------------------------------------------ one step
@@ -80,18 +91,27 @@ class ProposerSolverEnv(EnvMetrics):
         solved = self._solve(list(unique.values()), g, backend, sampling)
         rate = {key: s[3] for key, s in zip(unique, solved)}
         for p in unique.values():
-            self._remember(p)
+            self._remember(p, rate[p.key])
 
-        # solver groups: frontier problems first, then the rest of this step's, then the replay buffer
-        ranked = sorted(solved, key=lambda s: (not 0 < s[3] < 1, self.rng.random()))
-        chosen = ranked[:solver_slots]
+        # solver groups: this step's frontier problems, then earlier problems that were not always
+        # solved (re-solved now), then the rest of this step's; a group of all-equal rewards teaches nothing
+        frontier = [x for x in solved if 0 < x[3] < 1]
+        self.rng.shuffle(frontier)
+        chosen = frontier[:solver_slots]
         missing = solver_slots - len(chosen)
-        if missing and self.buffer:
-            fresh = set(unique)
-            old = [p for k, p in self.buffer.items() if k not in fresh]
-            replay = self.rng.sample(old, min(missing, len(old)))
+        if missing:
+            old = [k for k in self._frontier_first([k for k in self.buffer if k not in unique])
+                   if self.rates.get(k, 1.0) < 1][:missing]
+            replay = self._solve([self.buffer[k] for k in old], g, backend, sampling)
+            for x in replay:
+                self.rates[x[0].key] = x[3]
             stats["replayed"] += len(replay)
-            chosen += self._solve(replay, g, backend, sampling)
+            chosen += replay
+            missing = solver_slots - len(chosen)
+        if missing:
+            rest = [x for x in solved if not 0 < x[3] < 1]
+            self.rng.shuffle(rest)
+            chosen += rest[:missing]
             missing = solver_slots - len(chosen)
         emitted = proposals if self.train_proposer else []
         if missing:  # nothing to solve yet: these slots become proposer groups
@@ -99,7 +119,7 @@ class ProposerSolverEnv(EnvMetrics):
             more = {p.key: p for _, _, p in extra if p is not None and p.key not in unique}
             for p, s in zip(more.values(), self._solve(list(more.values()), g, backend, sampling)):
                 rate[p.key] = s[3]
-                self._remember(p)
+                self._remember(p, s[3])
             proposals, emitted = proposals + extra, emitted + extra
             stats["slots_to_proposer"] += missing
 
@@ -116,7 +136,8 @@ class ProposerSolverEnv(EnvMetrics):
     def _propose(self, n_groups, g, backend, sampling, stats):
         # one prompt per group (the G proposals of a group share it), each showing other examples
         prompts = [prompt for _ in range(n_groups) for prompt in [self.proposer_prompt()] * g]
-        ids_in, ids_out = backend.generate_ids(prompts, _with(sampling, max_new_tokens=self.proposal_tokens))
+        ids_in, ids_out = backend.generate_ids(prompts, _with(sampling, max_new_tokens=self.proposal_tokens,
+                                                                    temperature=self.proposal_temperature))
         texts = self.tok.batch_decode(ids_out, skip_special_tokens=True)
         parsed = [self.family.parse(t) for t in texts]
         stats["proposed"] += len(parsed)
@@ -146,11 +167,11 @@ class ProposerSolverEnv(EnvMetrics):
                 out["problem"].append(p)
                 out["solve_rate"].append(rate)
 
-    def _remember(self, p: Problem) -> None:
+    def _remember(self, p: Problem, rate: float) -> None:
         self.buffer.pop(p.key, None)
-        self.buffer[p.key] = p
+        self.buffer[p.key], self.rates[p.key] = p, rate
         while len(self.buffer) > self.buffer_size:
-            self.buffer.pop(next(iter(self.buffer)))
+            self.rates.pop(self.buffer.pop(next(iter(self.buffer))).key, None)
 
     def _record(self, stats, proposals, solved, groups, rate=None):
         rates = [s[3] for s in solved]
