@@ -119,7 +119,8 @@ def plot(arms: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
         xs, ys = [c[1] for c in arm["curve"]], [c[2] for c in arm["curve"]]
-        ax.plot(xs, ys, marker="o", label=f"{arm['source']}-proposed problems")
+        label = "problems the model wrote" if arm["source"] == "model" else "problems from the random generator"
+        ax.plot(xs, ys, marker="o", label=label)
     ax.axhline(0.5, ls="--", c="grey", lw=1, label="target 50%")
     ax.set(xlabel="training minutes (2 CPU cores)", ylabel="held-out accuracy (200 problems)",
            title="SmolLM2-135M self-play on 2-digit addition", ylim=(0, 1))
