@@ -98,7 +98,7 @@ def run_arm(source: str, args, cache: Path) -> dict:
     curve.curve.append((0, 0.0, before))
     rewards = {name: (fn, 1.0) for name, fn in env.rewards().items()}
     with tempfile.TemporaryDirectory() as out:
-        _, records, _ = grpo_train(model, tok, env, rewards, opts=cfg, out_dir=out, seed=args.seed,
+        _, records, _ = grpo_train(model, tok, env, rewards, opts=cfg, out_dir=Path(out) / "trainer", seed=args.seed,
                                    log=lambda r: None, stage_key=f"bench-{source}", callbacks=[curve])
     if curve.curve[-1][0] != records[-1]["step"]:
         curve.curve.append((records[-1]["step"], round(curve.train_seconds / 60, 2),

