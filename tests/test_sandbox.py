@@ -1,57 +1,240 @@
-"""The sandbox for model-written code: each escape attempt is stopped, each limit holds."""
+"""The sandbox for model-written code, attacked as a hostile program would, and checked from outside.
+
+Each attack first switches the Python audit hook off (``HOOK_OFF``: the hook is only a second
+layer, and a program can reach it through the garbage collector), so what stops it is the kernel:
+namespaces, user 65534, a read-only view, seccomp, rlimits. Success is judged outside the
+sandbox: marker files that must not appear, a victim file that must survive, a secret planted in
+this process's environment that must not be printed, a victim process that must stay alive.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from selftrain.sandbox import SandboxLimits, run_python
+from selftrain.sandbox import (
+    SandboxLimits,
+    SandboxUnavailable,
+    isolation_available,
+    require_isolation,
+    run_python,
+)
 
 FAST = SandboxLimits(cpu_seconds=1, wall_seconds=4)
+FULL = isolation_available() == "full"
+needs_full = pytest.mark.skipif(not FULL, reason="this machine gives no full isolation (bwrap/userns/seccomp)")
+
+# Turn the audit hook off from inside: rewrite its closure cells (found through gc) and the
+# bootstrap's globals in __main__. What is still refused after this is refused by the kernel.
+HOOK_OFF = """
+import gc, sys
+for _f in gc.get_objects():
+    if getattr(_f, "__name__", "") in ("hook", "inside") and getattr(_f, "__closure__", None):
+        for _c in _f.__closure__:
+            if isinstance(_c.cell_contents, frozenset):
+                _c.cell_contents = frozenset()
+            elif callable(_c.cell_contents) and getattr(_c.cell_contents, "__name__", "") == "inside":
+                _c.cell_contents = lambda p: True
+sys.modules["__main__"].__dict__["ALLOW_NET"] = True
+"""
+
+
+def hostile(code: str, **kw):
+    return run_python(HOOK_OFF + code, limits=kw.pop("limits", FAST), **kw)
+
+
+def run(code: str, **kw):
+    """At the best level this machine gives (the limits below hold at every level)."""
+    return run_python(code, min_isolation="none", **kw)
 
 
 def test_ordinary_code_runs_and_reads_stdin():
-    r = run_python("import sys\nprint(sum(int(x) for x in sys.stdin.read().split()))", stdin="1 2 39")
-    assert r.ok and r.stdout == "42\n" and r.error == ""
+    r = run("import sys\nprint(sum(int(x) for x in sys.stdin.read().split()))", stdin="1 2 39")
+    assert r.ok and r.stdout == "42\n" and r.error == "" and r.isolation == isolation_available()
 
 
-def test_infinite_loop_is_stopped_by_the_cpu_limit():
-    r = run_python("while True:\n    pass", limits=FAST)
-    assert not r.ok and r.seconds < 3 and ("SIGXCPU" in r.error or "SIGKILL" in r.error or r.timed_out)
+def test_hook_off_really_switches_the_hook_off():
+    """The premise of every attack below: without the kernel's walls nothing would stop them."""
+    r = run_python(HOOK_OFF + "import os\nos.mkdir('/proc/nope')", limits=FAST, min_isolation="none")
+    assert "sandbox:" not in r.stderr  # the hook said nothing; the kernel answered
+    assert "Errno" in r.stderr
 
 
-def test_sleeping_forever_is_stopped_by_the_wall_clock():
-    r = run_python("import time\ntime.sleep(60)", limits=SandboxLimits(wall_seconds=1))
-    assert r.timed_out and not r.ok and r.seconds < 3
+@needs_full
+def test_runs_as_user_65534_with_no_new_privs_and_seccomp_seen_from_outside():
+    """The host's /proc, read while the program sleeps, shows who it really is."""
+    seen = {}
+
+    def watch():
+        time.sleep(0.8)  # past the bootstrap, which starts as root and drops to 65534 before the code
+        deadline = time.time() + 5
+        while time.time() < deadline and not seen:
+            for status in Path("/proc").glob("[0-9]*/status"):
+                argv = _reads(status.parent / "cmdline").split(b"\0")
+                if b"/sandbox/inside.py" in argv and not argv[0].endswith(b"bwrap"):
+                    text = _reads(status).decode()
+                    seen.update(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    r = run_python("import time\ntime.sleep(2)", limits=SandboxLimits(wall_seconds=5))
+    thread.join()
+    assert r.ok and seen, "the sandboxed interpreter was not found in the host's /proc"
+    assert seen["Uid"].split()[:2] == ["65534", "65534"] and seen["Gid"].split()[0] == "65534"
+    assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2" and int(seen["CapEff"], 16) == 0
 
 
-def test_fork_bomb_is_refused():
-    r = run_python("import os\nwhile True:\n    os.fork()", limits=FAST)
-    assert not r.ok and "os.fork is not allowed" in r.error
-    r = run_python("import subprocess\nsubprocess.run(['sleep', '30'])", limits=FAST)
-    assert not r.ok and "not allowed" in r.error
+@needs_full
+def test_fork_exec_without_audit_event_cannot_start_a_shell(tmp_path):
+    """With the hook off, subprocess reaches _posixsubprocess.fork_exec, which raises no audit event."""
+    marker = tmp_path / "shell-ran"
+    for attack in ("import os\nos.fork()", "import os\nassert os.system('touch {m}') == 0",
+                   "import os\nos.execv('/bin/sh', ['sh', '-c', 'touch {m}'])",
+                   "import subprocess\nsubprocess.run(['/bin/sh', '-c', 'touch {m}'])", "import pty\npty.fork()"):
+        r = hostile(attack.format(m=marker))
+        assert not r.ok and not marker.exists(), attack
+        assert "sandbox:" not in r.stderr, r.stderr  # the hook is off: the kernel refused
 
 
-def test_huge_allocation_fails_inside_the_child():
-    r = run_python("x = bytearray(8 * 1024**3)", limits=SandboxLimits(memory_mb=256))
-    assert not r.ok and "MemoryError" in r.error
+@needs_full
+def test_rewriting_the_bootstrap_globals_gives_nothing(tmp_path):
+    marker = tmp_path / "globals"
+    r = hostile(f"import sys, os\nsys.modules['__main__'].__dict__.clear()\nprint(os.system('touch {marker}'))")
+    assert r.stdout.strip() != "0" and not marker.exists()
 
 
-def test_writes_stay_inside_the_working_directory(tmp_path):
-    target = tmp_path / f"escape-{uuid.uuid4().hex}.txt"
-    r = run_python(f"open({str(target)!r}, 'w').write('x')", limits=FAST)
-    assert not r.ok and "outside the working directory" in r.error and not target.exists()
-    r = run_python("import os\nos.remove('/etc/hostname')", limits=FAST)
-    assert not r.ok and "not allowed" in r.error and Path("/etc/hostname").exists()
+@needs_full
+def test_writes_deletes_and_fifos_outside_its_folder_fail_even_through_dir_fd(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    made = tmp_path / "made-by-sandbox"
+    fifo = tmp_path / "fifo"
+    for attack in (
+        f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\nos.remove('victim.txt', dir_fd=fd)",
+        f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\nos.open('made-by-sandbox', os.O_CREAT | os.O_WRONLY, dir_fd=fd)",
+        f"import os\nos.mkfifo({str(fifo)!r})",
+        f"open({str(victim)!r}, 'w').write('gone')",
+        f"import os\nos.symlink({str(victim)!r}, 'link')\nopen('link', 'w').write('gone')",
+        "import os\nos.remove('/usr/bin/env')",
+        "open('/usr/lib/os-release', 'a').write('x')",
+        "import shutil\nshutil.rmtree('/usr/share', ignore_errors=False)",
+    ):
+        r = hostile(attack)
+        assert not r.ok, attack
+    assert victim.read_text() == "keep me" and not made.exists() and not fifo.exists()
+    assert Path("/usr/bin/env").exists() and Path("/usr/share").is_dir()
     r = run_python("open('notes.txt', 'w').write('kept')\nprint(open('notes.txt').read())", limits=FAST)
     assert r.ok and r.stdout == "kept\n"  # its own folder is writable
 
 
-def test_network_connection_is_refused():
+@needs_full
+def test_secrets_of_the_host_are_not_readable(monkeypatch):
+    secret = f"SECRET-{uuid.uuid4().hex}"
+    monkeypatch.setenv("SELFTRAIN_TEST_TOKEN", secret)  # the parent's environment, e.g. an API token
+    r = hostile(f"""
+import os, glob
+found = []
+for path in ["/etc/passwd", "/etc/shadow", "/proc/{os.getpid()}/environ", "/proc/{os.getppid()}/environ",
+             "/proc/1/environ", *glob.glob("/proc/*/environ"), os.path.expanduser("~root/.bash_history")]:
+    try:
+        found.append(open(path, "rb").read().decode(errors="replace"))
+    except OSError as e:
+        print("refused", path, e.errno)
+print("ENV", dict(os.environ))
+print("\\n".join(found))
+""")
+    assert secret not in r.stdout and secret not in r.stderr
+    assert "root:x:0:0" not in r.stdout  # no /etc at all
+
+
+@needs_full
+def test_no_other_process_can_be_seen_or_killed():
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        r = hostile(f"""
+import os, signal
+for pid in ({victim.pid}, {os.getpid()}, os.getppid(), 1, -1):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError as e:
+        print(pid, e.errno)
+print(sorted(p for p in os.listdir('/proc') if p.isdigit()))
+""")
+        time.sleep(0.3)
+        assert victim.poll() is None  # still alive; and so are we
+        pids = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+        assert str(victim.pid) not in pids.split(", ")
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@needs_full
+def test_a_program_cannot_touch_the_server_or_the_next_program():
+    """Programs are forked by one server per sandbox: none may signal, trace, re-limit or write into
+    it, and nothing one leaves (files, threads) reaches the next."""
+    r = hostile("""
+import os, resource, signal, threading, time
+server = os.getppid()
+results = {}
+for name, attack in [
+    ("kill", lambda: os.kill(server, signal.SIGKILL)),
+    ("kill_all", lambda: os.kill(-1, signal.SIGKILL)),
+    ("stop", lambda: os.kill(server, signal.SIGSTOP)),
+    ("prlimit", lambda: resource.prlimit(server, resource.RLIMIT_CPU, (0, 0))),
+    ("mem", lambda: open(f"/proc/{server}/mem", "r+b").write(b"x")),
+    ("fds", lambda: os.listdir(f"/proc/{server}/fd")),
+]:
+    try:
+        attack()
+        results[name] = "done"
+    except OSError as e:
+        results[name] = e.errno
+print(results)
+open("left-behind", "w").write("x")
+open("/tmp/left-behind", "w").write("x")
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+assert "done" not in results.values(), results
+""")
+    assert r.ok, (r.stdout, r.stderr)
+    after = run_python("import os\nprint(os.path.exists('left-behind'), os.path.exists('/tmp/left-behind'))",
+                       limits=FAST)
+    assert after.ok and after.stdout == "False False\n"  # the server lives, and starts each program clean
+
+
+@needs_full
+def test_ctypes_syscalls_and_namespace_tricks_are_refused(tmp_path):
+    marker = tmp_path / "ctypes"
+    r = hostile(f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+results = {{
+    "fork": libc.syscall(57),                      # SYS_fork
+    "unshare_user": libc.unshare(0x10000000),      # a fresh user namespace = capabilities
+    "setuid0": libc.setuid(0),
+    "ptrace": libc.syscall(101, 16, 1, 0, 0),      # PTRACE_ATTACH to pid 1
+    "mount": libc.mount(b"none", b"/work", b"tmpfs", 0, None),
+    "execve": libc.execve(b"/bin/sh", (ctypes.c_char_p * 4)(b"sh", b"-c", b"touch {marker}", None), None),
+}}
+print(results)
+assert all(v == -1 for v in results.values()), results
+""")
+    assert r.ok, r.stderr  # every call returned -1 (refused), and the program said so itself
+    assert not marker.exists()
+
+
+@needs_full
+def test_network_connection_is_refused_even_without_the_hook():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -60,11 +243,13 @@ def test_network_connection_is_refused():
     accepted = []
     thread = threading.Thread(target=lambda: _accept(server, accepted))
     thread.start()
-    r = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).send(b'hi')",
-                   limits=FAST)
+    r = hostile(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).send(b'hi')")
     thread.join()
     server.close()
-    assert not r.ok and "network" in r.error and not accepted
+    assert not r.ok and not accepted
+    r = hostile("print(open('/proc/self/net/dev').read())")
+    interfaces = {line.split(":")[0].strip() for line in r.stdout.splitlines()[2:] if ":" in line}
+    assert interfaces == {"lo"}
 
 
 def _accept(server, accepted):
@@ -74,14 +259,151 @@ def _accept(server, accepted):
         pass
 
 
-def test_network_namespace_has_no_interfaces_where_the_kernel_allows():
-    r = run_python("print(open('/proc/self/net/dev').read())", limits=FAST)
-    if not r.network_isolated:
-        pytest.skip("no network namespace on this machine; the audit hook alone refuses sockets")
-    interfaces = {line.split(":")[0].strip() for line in r.stdout.splitlines()[2:] if ":" in line}
-    assert interfaces == {"lo"}
+@needs_full
+def test_dev_shm_and_tmp_are_private_and_capped():
+    name = f"selftrain-{uuid.uuid4().hex}"
+    r = hostile(f"""
+for d in ("/dev/shm", "/tmp"):
+    try:
+        open(d + "/{name}", "w").write("x")
+    except OSError as e:
+        print(d, e.errno)
+try:
+    with open("/tmp/fill", "wb") as f:
+        for _ in range(64):
+            f.write(b"x" * (1 << 20))
+except OSError as e:
+    print("fill", e.errno)
+""", limits=SandboxLimits(cpu_seconds=2, wall_seconds=6, file_size_mb=128, disk_mb=8))
+    assert not Path(f"/dev/shm/{name}").exists() and not Path(f"/tmp/{name}").exists()
+    assert "fill 28" in r.stdout  # ENOSPC: its /tmp is an 8 MB tmpfs, not the host's disk
 
 
-def test_output_and_file_size_are_capped():
-    r = run_python("print('x' * 10**7)", limits=SandboxLimits(file_size_mb=1, output_chars=1000))
+@needs_full
+def test_threads_are_capped_and_the_host_is_unharmed():
+    r = hostile("""
+import threading, time
+started = 0
+try:
+    for _ in range(10_000):
+        threading.Thread(target=time.sleep, args=(2,), daemon=True).start()
+        started += 1
+except (RuntimeError, OSError) as e:
+    print("stopped at", started, type(e).__name__)
+""", limits=SandboxLimits(cpu_seconds=2, wall_seconds=5, threads=16))
+    assert "stopped at" in r.stdout and int(r.stdout.split()[2]) < 16
+
+
+SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
+
+
+@needs_full
+@pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists() or not Path("/usr/bin/setpriv").exists(),
+                    reason="needs root (to become another user), setpriv and a system Python of this version")
+def test_an_unprivileged_caller_gets_full_isolation_too():
+    """Not every user runs selftrain as root: then bwrap makes the user namespace itself."""
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    code = ("from selftrain.sandbox import run_python\n"
+            "r = run_python('import os\\nprint(os.getuid())\\nos.fork()')\n"
+            "print(r.isolation, r.stdout.strip(), r.ok)")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{Path(__file__).resolve().parents[1]}:{site}"}
+    out = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          str(SYSTEM_PYTHON), "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         cwd="/tmp")
+    assert out.stdout.split() == ["full", "65534", "False"], out.stderr
+
+
+def test_infinite_loop_is_stopped_by_the_cpu_limit():
+    r = run("while True:\n    pass", limits=FAST)
+    assert not r.ok and r.seconds < 3 and ("SIGXCPU" in r.error or "SIGKILL" in r.error or r.timed_out)
+
+
+def test_sleeping_forever_is_stopped_by_the_wall_clock():
+    r = run("import time\ntime.sleep(60)", limits=SandboxLimits(wall_seconds=1))
+    assert r.timed_out and not r.ok and r.seconds < 3
+
+
+def test_huge_allocation_fails_inside_the_child():
+    r = run("x = bytearray(8 * 1024**3)", limits=SandboxLimits(memory_mb=256))
+    assert not r.ok and "MemoryError" in r.error
+
+
+def test_huge_output_is_capped():
+    r = run(HOOK_OFF + "import sys\nfor _ in range(200):\n    sys.stdout.write('x' * (1 << 20))",
+            limits=SandboxLimits(file_size_mb=1, output_chars=1000))
     assert not r.ok and r.output_truncated and len(r.stdout) == 1000
+
+
+def test_fork_bomb_and_subprocess_are_refused():
+    r = run("import os\nwhile True:\n    os.fork()", limits=FAST)
+    assert not r.ok and ("not allowed" in r.error or "not permitted" in r.error)
+    r = run("import subprocess\nsubprocess.run(['sleep', '30'])", limits=FAST)
+    assert not r.ok and r.seconds < 3
+
+
+def test_without_namespaces_rlimits_and_the_hook_still_apply(monkeypatch, tmp_path):
+    """The fallback level (no bwrap): weaker, reported as such, and refused unless allowed."""
+    import selftrain.sandbox as sb
+
+    monkeypatch.setattr(sb, "isolation_available", lambda: "none")
+    r = run_python("import os\nopen('mine.txt', 'w').write('x')\nprint(os.listdir('.'))", min_isolation="none")
+    assert r.ok and r.isolation == "none" and "mine.txt" in r.stdout
+    victim = tmp_path / "victim"
+    r = run_python(f"open({str(victim)!r}, 'w').write('x')", min_isolation="none")
+    assert not r.ok and "outside the working directory" in r.error and not victim.exists()
+    r = run_python("while True:\n    pass", limits=FAST, min_isolation="none")
+    assert not r.ok and r.seconds < 3
+
+
+def test_below_min_isolation_is_refused_with_how_to_allow(monkeypatch):
+    import selftrain.sandbox as sb
+
+    monkeypatch.setattr(sb, "isolation_available", lambda: "none")
+    with pytest.raises(SandboxUnavailable, match="min_isolation"):
+        run_python("print(1)")
+    assert require_isolation("none") == "none"
+
+
+@needs_full
+def test_killing_the_parent_kills_the_sandbox():
+    """A run killed mid-execution leaves no sandboxed process behind (bwrap --die-with-parent)."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+              "from selftrain.sandbox import run_python, SandboxLimits\n"
+              "print('started', flush=True)\n"
+              "run_python('import time\\ntime.sleep(30)', limits=SandboxLimits(wall_seconds=60))\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    parent.stdout.readline()
+    deadline = time.time() + 10
+    sandboxed = set()
+    while time.time() < deadline and len(sandboxed) < 2:  # the server and the program it forked
+        time.sleep(0.1)
+        sandboxed = {pid for pid in _descendants(parent.pid)
+                     if b"/sandbox/inside.py" in _reads(Path(f"/proc/{pid}/cmdline"))}
+    assert len(sandboxed) >= 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    time.sleep(1)
+    alive = [pid for pid in sandboxed if b"State:\tZ" not in _reads(Path(f"/proc/{pid}/status"))
+             and Path(f"/proc/{pid}").exists()]  # a zombie is dead, only not yet reaped by init
+    assert not alive
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _reads(stat).rsplit(b")", 1)[-1].split()
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _reads(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
