@@ -5,8 +5,9 @@
 Both run the same short program (the kind the `python` task family runs for every proposal) in
 the same interpreter, alternating so that machine noise hits both alike. The plain baseline is
 `python -I -S -c CODE` (no site, as the sandbox's interpreter starts; with site the plain run is
-several times slower here, which would flatter the sandbox). Also timed: the `python` family
-parsing a proposal (one sandboxed run each). Target: the sandbox at >= 0.5x plain's rate.
+several times slower here, which would flatter the sandbox). The sandbox is started once (as in a
+run) and forks a fresh, fully isolated child per program. Also timed: the `python` family parsing
+a proposal (one sandboxed run each). Target: the sandbox at >= 0.5x plain's rate.
 """
 
 from __future__ import annotations

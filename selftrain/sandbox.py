@@ -36,6 +36,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,8 @@ class SandboxLimits:
     wall_seconds: float = 5.0  # the whole sandbox is killed after this
     memory_mb: int = 512  # RLIMIT_AS: allocations beyond it raise MemoryError
     file_size_mb: float = 1.0  # RLIMIT_FSIZE: no file (stdout/stderr included) grows past it
-    disk_mb: int = 16  # size of each of its writable tmpfs (its folder, /tmp)
+    disk_mb: int = 16  # size of each of its own tmpfs (its folder, /tmp), made fresh for every program
+    disk_inodes: int = 2048  # files and folders each of them may hold
     open_files: int = 64  # RLIMIT_NOFILE
     threads: int = 16  # RLIMIT_NPROC of user 65534 (threads count; processes are refused anyway)
     output_chars: int = 20_000  # stdout/stderr returned at most
@@ -93,33 +95,43 @@ class SandboxResult:
         if self.timed_out:
             return "timed out"
         if self.returncode is not None and self.returncode < 0:
-            return f"killed by {signal.Signals(-self.returncode).name}"
+            try:
+                return f"killed by {signal.Signals(-self.returncode).name}"
+            except ValueError:  # a real-time signal has no name
+                return f"killed by signal {-self.returncode}"
         last = self.stderr.strip().splitlines()
         return last[-1] if last else f"exit code {self.returncode}"
 
 
-# Refused with EPERM (a clear OSError in the code) unless noted; everything else is allowed.
+# Refused (EPERM: a clear OSError in the code) to the zygote and so to every program; the rest is allowed.
 DENIED_SYSCALLS = (
-    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
-    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
-    "fspick", "mount_setattr", "unshare", "setns", "keyctl", "add_key", "request_key", "bpf", "perf_event_open",
-    "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load", "kexec_file_load",
-    "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl",
-    "open_by_handle_at", "name_to_handle_at", "personality", "syslog", "settimeofday", "clock_settime",
+    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pivot_root", "chroot",
+    "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "setns", "keyctl",
+    "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot",
+    "swapon", "swapoff", "acct", "quotactl", "open_by_handle_at", "name_to_handle_at", "personality", "syslog",
+    "settimeofday", "clock_settime", "modify_ldt",
 )
-# The child of a program adds: no processes, no signals to others (the server), no re-limiting.
-CHILD_DENIED_SYSCALLS = ("fork", "vfork", "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
-                         "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "setpriority", "sched_setaffinity",
-                         "sched_setscheduler", "sched_setparam", "ioprio_set", "migrate_pages", "move_pages",
-                         "process_madvise")
+# A program's own filter adds, once its namespaces are made: no mounts or namespaces, no processes, no
+# signal, priority or limit aimed at another process, no System V / POSIX IPC, no memory files.
+CHILD_DENIED_SYSCALLS = (
+    "mount", "umount2", "unshare", "fork", "vfork", "kill", "tkill", "tgkill", "rt_sigqueueinfo",
+    "rt_tgsigqueueinfo", "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "setpriority", "sched_setaffinity",
+    "sched_setscheduler", "sched_setparam", "sched_setattr", "ioprio_set", "migrate_pages", "move_pages",
+    "process_madvise", "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl", "semget",
+    "semop", "semtimedop", "semctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify",
+    "mq_getsetattr", "memfd_create",
+)
+# fcntl/ioctl commands that aim signals at another process (SIGIO/SIGURG owners, leases, dnotify)
+F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY, FIOSETOWN, SIOCSPGRP = 8, 10, 15, 1024, 1026, 0x8901, 0x8902
 CLONE_THREAD, AF_UNIX = 0x00010000, 1
 INSIDE = str(Path(__file__).with_name("sandbox_inside.py"))
 
 
 @functools.cache
 def _seccomp_programs() -> tuple[bytes, bytes] | None:
-    """(server filter, child filter) as BPF, compiled by libseccomp; None where it is missing.
-    The server may fork (one child per program); a child adds the stricter filter on top."""
+    """(zygote filter, child filter) as BPF, compiled by libseccomp; None where it is missing.
+    The zygote must fork and let its children make namespaces; each child adds the strict filter."""
     try:
         import pyseccomp as sc
 
@@ -133,13 +145,16 @@ def _seccomp_programs() -> tuple[bytes, bytes] | None:
                 return tmp.read()
 
         eperm = sc.ERRNO(errno.EPERM)
-        server = [(eperm, name) for name in DENIED_SYSCALLS]
-        server.append((sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, AF_UNIX)))
+        zygote = [(eperm, name) for name in DENIED_SYSCALLS]
+        zygote.append((sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, AF_UNIX)))
         child = [(eperm, name) for name in CHILD_DENIED_SYSCALLS]
+        child += [(eperm, "fcntl", sc.Arg(1, sc.EQ, cmd)) for cmd in (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE,
+                                                                      F_NOTIFY)]
+        child += [(eperm, "ioctl", sc.Arg(1, sc.EQ, cmd)) for cmd in (FIOSETOWN, SIOCSPGRP)]
         child += [(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0)),  # processes, not threads
                   (sc.ERRNO(errno.ENOSYS), "clone3"),  # its flags sit in memory a filter can't read; libc falls back
                   (eperm, "prlimit64", sc.Arg(0, sc.NE, 0))]  # its own limits only (pid 0)
-        return compile_bpf(server), compile_bpf(child)
+        return compile_bpf(zygote), compile_bpf(child)
     except (ImportError, OSError, RuntimeError, ValueError):
         return None
 
@@ -163,16 +178,18 @@ def _interpreter() -> tuple[str, list[str]]:
     return exe, sorted(f for f in folders if not f.startswith("/usr/") and f != "/usr")
 
 
-def _bwrap_args(bwrap: str, ctl: Path, limits: SandboxLimits) -> list[str]:
+def _bwrap_args(bwrap: str, limits: SandboxLimits) -> list[str]:
     exe, folders = _interpreter()
     args = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
-    if os.geteuid() == 0:  # root: sandbox_inside.py becomes the real user 65534 with these two, then drops them
-        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    if os.geteuid() == 0:  # root: each child becomes the real user 65534 with the first two; the zygote keeps
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_KILL"]  # ...and kills it
     else:  # an unprivileged caller: bwrap's own user namespace, 65534 inside, the caller's uid outside
         args += ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
     if not limits.network:
         args.append("--unshare-net")
+    if os.path.isdir("/usr/local/etc"):  # site configuration (package-manager tokens...) is not Python's
+        args += ["--tmpfs", "/usr/local/etc"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):  # merged-/usr links, or real folders
         if os.path.islink(top):
             args += ["--symlink", os.readlink(top), top]
@@ -184,77 +201,89 @@ def _bwrap_args(bwrap: str, ctl: Path, limits: SandboxLimits) -> list[str]:
             args += ["--perms", "0755", "--dir", str(parent)]
             made.add(parent)
         args += ["--ro-bind", folder, folder]
-    size = str(limits.disk_mb * 1024 * 1024)
-    args += ["--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
-             "--perms", "1777", "--size", size, "--tmpfs", "/work",
-             "--perms", "0755", "--dir", "/sandbox", "--ro-bind", str(ctl), "/sandbox/ctl",
-             "--ro-bind", INSIDE, "/sandbox/inside.py",
-             "--chdir", "/work", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work",
-             "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-             "--setenv", "PYTHONHASHSEED", "0", "--", exe, "-I", "-S", "/sandbox/inside.py"]
-    return args
+    return args + ["--proc", "/proc", "--dev", "/dev", "--perms", "0755", "--dir", "/work",
+                   "--perms", "0755", "--dir", "/tmp",  # each program mounts its own fresh tmpfs on both
+                   "--perms", "0755", "--dir", "/sandbox", "--ro-bind", INSIDE, "/sandbox/inside.py",
+                   "--chdir", "/", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work",
+                   "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+                   "--setenv", "PYTHONHASHSEED", "0", "--", exe, "-I", "-S", "/sandbox/inside.py"]
 
 
 class _Server:
-    """One sandbox, started once and reused: ``selftrain/sandbox_inside.py`` inside it forks a
-    fresh child for every program (a few ms, against ~50 for a new sandbox and interpreter)."""
+    """One sandbox, started once and reused. ``selftrain/sandbox_inside.py`` inside it is a zygote
+    that forks a child per program (a few ms, against ~50 for a new sandbox and interpreter). A
+    request is the limits plus four files (code, stdin, stdout, stderr) passed over a socket; the
+    zygote hands them to the child unread, so no program's data is ever in memory a later child
+    inherits. Output is read here, from our own handles on the files, capped."""
 
     def __init__(self, level: str, limits: SandboxLimits):
         self.level, self.lock = level, threading.Lock()
         self.tmp = tempfile.TemporaryDirectory(prefix="selftrain-sandbox-")
         ctl = Path(self.tmp.name)
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         full = level == "full"
-        if full:
-            server_filter, child_filter = _seccomp_programs()
-            (ctl / "server.bpf").write_bytes(server_filter)
+        settings = {"nobody": NOBODY, "setup_failed": SETUP_FAILED, "socket": theirs.fileno(),
+                    "isolate": level != "none", "drop": level != "none" and os.geteuid() == 0,
+                    "allow_net": limits.network, "work": str(ctl / "work"),
+                    "zygote_filter": None, "child_filter": None}
+        if full:  # read by the zygote before anything runs, from a folder bound read-only
+            zygote_filter, child_filter = _seccomp_programs()
+            (ctl / "zygote.bpf").write_bytes(zygote_filter)
             (ctl / "child.bpf").write_bytes(child_filter)
-        settings = {"nobody": NOBODY, "setup_failed": SETUP_FAILED, "drop": level != "none" and os.geteuid() == 0,
-                    "allow_net": limits.network, "server_filter": "/sandbox/ctl/server.bpf" if full else None,
-                    "child_filter": "/sandbox/ctl/child.bpf" if full else None}
-        if level == "none":  # no namespaces: its folder is a host folder, and it runs as the caller
+            settings.update(zygote_filter="/sandbox/ctl/zygote.bpf", child_filter="/sandbox/ctl/child.bpf")
+        if level == "none":  # no namespaces: a host folder per program, and the caller's user
             (ctl / "work").mkdir()
-            settings.update(work=str(ctl / "work"), scratch=[])
             cmd = [_interpreter()[0], "-I", "-S", INSIDE]
         else:
-            settings.update(work="/work", scratch=["/tmp"])
-            cmd = _bwrap_args(_bwrap(), ctl, limits)
-        self.errors = open(ctl / "server.err", "w+b")
+            cmd = _bwrap_args(_bwrap(), limits)
+            cmd[cmd.index("--chdir"):cmd.index("--chdir")] = ["--ro-bind", str(ctl), "/sandbox/ctl"]
+        self.errors = open(ctl / "zygote.err", "w+b")
         # start_new_session: closing kills bwrap's group, and its PID namespace dies with it
-        self.proc = subprocess.Popen([*cmd, json.dumps(settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.errors, cwd=ctl, env={} if level != "none" else _PLAIN_ENV,
-                                     close_fds=True, start_new_session=True)
+        self.proc = subprocess.Popen([*cmd, json.dumps(settings)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self.errors, cwd=ctl, pass_fds=(theirs.fileno(),),
+                                     env=_PLAIN_ENV if level == "none" else {}, start_new_session=True)
+        theirs.close()
         hello = self._reply(timeout=20)
         if not hello or not hello.get("ready"):
             self.close()
             raise _SetupFailed(self._errors() or "the sandbox did not start")
-        self.uid = hello["uid"]
 
     def _errors(self) -> str:
         self.errors.seek(0)
         return self.errors.read(4000).decode(errors="replace").strip()
 
     def _reply(self, timeout: float) -> dict | None:
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+        if not select.select([self.sock], [], [], timeout)[0]:
             return None
-        line = self.proc.stdout.readline()
-        return json.loads(line) if line else None
+        try:
+            return json.loads(self.sock.recv(1 << 16))
+        except (OSError, ValueError):  # gone (b"" is not JSON) or garbled
+            return None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def run(self, code: str, stdin: str, limits: SandboxLimits) -> dict | None:
-        with self.lock:
-            request = {"code": code, "stdin": stdin, "limits": limits.__dict__}
-            try:
-                self.proc.stdin.write((json.dumps(request) + "\n").encode())
-                self.proc.stdin.flush()
-                reply = self._reply(timeout=limits.wall_seconds + 10)
-            except (OSError, ValueError):
-                reply = None
-            if reply is None:  # the server died or hangs: a new one serves the next call
-                self.close()
-            return reply
+        files = [tempfile.TemporaryFile() for _ in range(4)]  # code, stdin, stdout, stderr: no name on disk
+        try:
+            for f, text in zip(files, (code, stdin)):
+                f.write(text.encode("utf-8", errors="replace"))
+                f.seek(0)
+            with self.lock:
+                try:
+                    socket.send_fds(self.sock, [json.dumps(limits.__dict__).encode()], [f.fileno() for f in files])
+                    reply = self._reply(timeout=limits.wall_seconds + 3)
+                except OSError:
+                    reply = None
+                if reply is None:  # the zygote died or hangs: a new one serves the next call
+                    self.close()
+                    return None
+            stdout, cut_out = _read_capped(files[2], limits.output_chars)
+            stderr, cut_err = _read_capped(files[3], limits.output_chars)
+            return {**reply, "stdout": stdout, "stderr": stderr, "truncated": cut_out or cut_err}
+        finally:
+            for f in files:
+                f.close()
 
     def close(self) -> None:
         try:
@@ -262,6 +291,7 @@ class _Server:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        self.sock.close()
         self.errors.close()
         self.tmp.cleanup()
 
@@ -276,8 +306,8 @@ _servers_lock = threading.Lock()
 
 
 def _server(level: str, limits: SandboxLimits) -> _Server:
-    """The running server for this process, level and tmpfs/network settings (started on first use)."""
-    key = (os.getpid(), level, limits.disk_mb, limits.network)
+    """The running sandbox for this process, level and network setting (started on first use)."""
+    key = (os.getpid(), level, limits.network)
     with _servers_lock:
         server = _servers.get(key)
         if server is None or not server.alive():
@@ -301,10 +331,11 @@ def isolation_available() -> str:
             if level == "full" and _seccomp_programs() is None:
                 continue
             try:
-                if _server(level, SandboxLimits()).uid == NOBODY:
-                    return level
+                probe = _run(level, "import os\nprint(os.getuid(), os.getcwd())", "", SandboxLimits())
             except _SetupFailed:
                 continue
+            if probe.ok and probe.stdout.split() == [str(NOBODY), "/work"]:
+                return level
     return "none"
 
 
@@ -328,19 +359,24 @@ def run_python(code: str, *, stdin: str = "", limits: SandboxLimits | None = Non
     limits = limits or SandboxLimits()
     level = require_isolation(min_isolation)
     try:
-        reply = _server(level, limits).run(code, stdin, limits)
+        return _run(level, code, stdin, limits)
     except _SetupFailed as e:  # fail closed: the code never ran
-        reply = {"returncode": 125, "stderr": f"{SETUP_FAILED} {e}"}
+        return SandboxResult(ok=False, stdout="", stderr=f"{SETUP_FAILED} {e}", returncode=125, timed_out=False,
+                             seconds=0.0, output_truncated=False, isolation=level)
+
+
+def _run(level: str, code: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
+    reply = _server(level, limits).run(code, stdin, limits)
     if reply is None:
-        reply = {"returncode": None, "stderr": "sandbox: the sandbox server died; a new one serves the next call"}
+        reply = {"returncode": None, "stdout": "", "stderr": "sandbox: the sandbox died; a new one serves the next call"}
     rc, timed_out = reply["returncode"], reply.get("timed_out", False)
-    return SandboxResult(ok=rc == 0 and not timed_out, stdout=reply.get("stdout", ""), stderr=reply["stderr"],
+    return SandboxResult(ok=rc == 0 and not timed_out, stdout=reply["stdout"], stderr=reply["stderr"],
                          returncode=rc, timed_out=timed_out, seconds=reply.get("seconds", 0.0),
                          output_truncated=reply.get("truncated", False), isolation=level)
 
 
-def _read_capped(path: Path, chars: int) -> tuple[str, bool]:
-    with open(path, "rb") as f:
-        data = f.read(chars * 4 + 1)
+def _read_capped(f, chars: int) -> tuple[str, bool]:
+    f.seek(0)
+    data = f.read(chars * 4 + 1)
     text = data.decode("utf-8", errors="replace")
-    return text[:chars], len(text) > chars or path.stat().st_size > len(data)
+    return text[:chars], len(text) > chars or bool(f.read(1))

@@ -1,14 +1,16 @@
 """The program that runs *inside* the sandbox (see ``selftrain.sandbox``); standard library only,
 started as ``python -I -S sandbox_inside.py SETTINGS_JSON``.
 
-It drops to the unprivileged user, enters a user namespace of its own, gives up every
-capability, and then serves: for each request (one JSON line on stdin) it forks a child that
-loads the strict seccomp filter, sets the rlimits, installs the audit hook and runs the code;
-the child's stdin/stdout/stderr are anonymous memory files the server alone can name. The
-reply (one JSON line on stdout) carries the exit status and the captured output. Forking from a
-warm interpreter costs a few milliseconds, where a fresh sandbox and interpreter cost ~50.
-A child cannot touch the server: it cannot signal, trace or re-limit it (seccomp), and the
-server is not dumpable, so its /proc files and memory are closed to a process of the same user.
+It is a zygote: after set-up it waits on a socket for requests, and for each one forks a child
+that runs one program. A request is only limits plus four open files made by the caller (code,
+stdin, stdout, stderr): the zygote never reads a program's code, input or output, so a child,
+which can read its whole memory, inherits nothing of any other program.
+
+Each child becomes user 65534 (the zygote stays root with only CAP_SETUID, CAP_SETGID and CAP_KILL
+when the caller is root, so no child can signal, trace or re-limit it), enters its own user, mount and
+IPC namespaces, mounts a fresh size- and inode-capped tmpfs on /work and /tmp (gone when it
+exits: nothing reaches the next program), drops every capability, sets the rlimits, loads the
+strict seccomp filter and the audit hook, and runs the code.
 """
 
 import ctypes
@@ -18,25 +20,15 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import sys
 import time
 
 SETTINGS = json.loads(sys.argv[1])
 NOBODY = SETTINGS["nobody"]
 libc = ctypes.CDLL(None, use_errno=True)
-
-
-def fail(what: str) -> None:
-    os.write(2, f"{SETTINGS['setup_failed']} {what} (errno {ctypes.get_errno()})\n".encode())
-    os._exit(125)
-
-
-def read_filter(path):
-    try:  # read while still root: the control files are not the sandbox user's
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        fail(f"cannot read {path}: {e}")
+CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWIPC = 0x10000000, 0x00020000, 0x08000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
 
 
 class CapHeader(ctypes.Structure):
@@ -51,47 +43,50 @@ class Prog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
 
+def fail(what: str) -> None:
+    os.write(2, f"{SETTINGS['setup_failed']} {what} (errno {ctypes.get_errno()})\n".encode())
+    os._exit(125)
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        fail(what)
+
+
 def load_filter(bpf: bytes) -> bool:
     return libc.prctl(22, 2, ctypes.byref(Prog(len(bpf) // 8, bpf)), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
 
 
-def become_nobody() -> None:
-    """Root with only CAP_SETUID/CAP_SETGID (bwrap's doing) -> user 65534 in a user namespace of
-    its own, outside the sandbox too, with no capability left anywhere."""
-    try:
+def read_filter(path):
+    try:  # read while still root: the control files are not the sandbox user's
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        fail(f"cannot read {path}: {e}")
+
+
+# ---------------------------------------------------------------------------- the child
+
+
+def isolate(limits: dict) -> None:
+    """User 65534 in user, mount and IPC namespaces of its own, fresh tmpfs on /work and /tmp,
+    no capability left."""
+    if SETTINGS["drop"]:  # the real user 65534, outside the sandbox too
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
-    except OSError as e:
-        fail(f"cannot become user {NOBODY}: {e}")
-    if libc.prctl(4, 1, 0, 0, 0) != 0:  # PR_SET_DUMPABLE, so that /proc/self/uid_map is ours to write
-        fail("prctl(PR_SET_DUMPABLE)")
-    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
-        fail("no user namespace")
-    try:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{NOBODY} {NOBODY} 1"),
-                           ("gid_map", f"{NOBODY} {NOBODY} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-    except OSError as e:
-        fail(f"cannot map user {NOBODY}: {e}")
+    check(libc.prctl(4, 1, 0, 0, 0) == 0, "prctl(PR_SET_DUMPABLE)")  # so that uid_map is ours to write
+    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWIPC) == 0, "unshare")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{NOBODY} {NOBODY} 1"),
+                       ("gid_map", f"{NOBODY} {NOBODY} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0, "mount --make-rprivate /")
+    options = f"size={limits['disk_mb']}m,nr_inodes={limits['disk_inodes']},mode=0700".encode()
+    for target in (b"/work", b"/tmp"):
+        check(libc.mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, options) == 0, "mount tmpfs")
     # the new user namespace gave every capability inside it: give them all back
-    if libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()) != 0:
-        fail("capset")
-
-
-def setup() -> bytes | None:
-    server_bpf = read_filter(SETTINGS["server_filter"]) if SETTINGS["server_filter"] else None
-    child_bpf = read_filter(SETTINGS["child_filter"]) if SETTINGS["child_filter"] else None
-    if SETTINGS["drop"]:
-        become_nobody()
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (bwrap set it already; be sure)
-        fail("prctl(PR_SET_NO_NEW_PRIVS)")
-    if server_bpf and not load_filter(server_bpf):
-        fail("seccomp filter not loaded")
-    if libc.prctl(4, 0, 0, 0, 0) != 0:  # not dumpable: children (same user) can't reach our /proc or memory
-        fail("prctl(PR_SET_DUMPABLE, 0)")
-    return child_bpf
+    check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()) == 0, "capset")
 
 
 def install_audit_hook(roots: tuple[str, ...], allow_net: bool) -> None:
@@ -127,18 +122,25 @@ def install_audit_hook(roots: tuple[str, ...], allow_net: bool) -> None:
     sys.addaudithook(hook)
 
 
-def child(request: dict, run_dir: str, fds: tuple[int, int, int], child_bpf: bytes | None) -> None:
+def child(limits: dict, fds: list[int], run_dir: str | None, child_bpf: bytes | None) -> None:
     """In the forked child: never returns."""
     code = 1
     try:
         os.setsid()
-        os.chdir(run_dir)
-        for target, fd in enumerate(fds):
+        code_fd, *stdio = fds
+        source = b""
+        while chunk := os.read(code_fd, 1 << 16):
+            source += chunk
+        for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        os.closerange(3, 65536)  # the server's pipes and files are no longer reachable
-        sys.stdin, sys.stdout, sys.stderr = (open(0, closefd=False), open(1, "w", closefd=False),
-                                             open(2, "w", closefd=False))
-        limits, mb = request["limits"], 1024 * 1024
+        os.closerange(3, 65536)  # the zygote's socket and files are no longer reachable
+        if run_dir is None:
+            isolate(limits)
+            run_dir, roots = "/work", ("/work", "/tmp")
+        else:  # isolation "none": a host folder made for this program alone
+            roots = (os.path.realpath(run_dir),)
+        os.chdir(run_dir)
+        mb = 1024 * 1024
         for res, value in ((resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 1)),
                            (resource.RLIMIT_AS, (limits["memory_mb"] * mb,) * 2),
                            (resource.RLIMIT_FSIZE, (int(limits["file_size_mb"] * mb),) * 2),
@@ -146,13 +148,14 @@ def child(request: dict, run_dir: str, fds: tuple[int, int, int], child_bpf: byt
                            (resource.RLIMIT_NPROC, (limits["threads"],) * 2),
                            (resource.RLIMIT_CORE, (0, 0))):
             resource.setrlimit(res, value)
-        if child_bpf and not load_filter(child_bpf):
-            os.write(2, f"{SETTINGS['setup_failed']} child seccomp filter not loaded\n".encode())
-            os._exit(125)
-        install_audit_hook((os.path.realpath(run_dir), *SETTINGS["scratch"]), SETTINGS["allow_net"])
-        source = compile(request["code"], "solution.py", "exec")
+        check(child_bpf is None or load_filter(child_bpf), "seccomp filter not loaded")
+        sys.stdin, sys.stdout, sys.stderr = (open(0, closefd=False), open(1, "w", closefd=False),
+                                             open(2, "w", closefd=False))
+        install_audit_hook(roots, SETTINGS["allow_net"])
+        compiled = compile(source.decode("utf-8", errors="replace"), "solution.py", "exec")
+        del source
         try:
-            exec(source, {"__name__": "__main__", "__builtins__": __builtins__})
+            exec(compiled, {"__name__": "__main__", "__builtins__": __builtins__})
             if "threading" in sys.modules:  # as at a normal interpreter exit: wait for non-daemon threads
                 sys.modules["threading"]._shutdown()
             code = 0
@@ -167,7 +170,7 @@ def child(request: dict, run_dir: str, fds: tuple[int, int, int], child_bpf: byt
             code = 1
         sys.stdout.flush()
         sys.stderr.flush()
-    except BaseException as e:  # the set-up itself failed, or flushing output did
+    except BaseException as e:  # the set-up failed, or flushing the output did
         try:
             os.write(2, f"\n{type(e).__name__}: {e}\n".encode(errors="replace"))
         except OSError:
@@ -175,76 +178,52 @@ def child(request: dict, run_dir: str, fds: tuple[int, int, int], child_bpf: byt
     os._exit(code & 0xFF)
 
 
-def memfile(name: str, content: bytes = b"") -> int:
-    fd = os.memfd_create(name, 0)  # no path: only this server and the child hold it
-    os.write(fd, content)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
+# ---------------------------------------------------------------------------- the zygote
 
 
-def read_capped(fd: int, chars: int) -> tuple[str, bool]:
-    size = os.fstat(fd).st_size
-    data = os.pread(fd, chars * 4 + 1, 0)
-    text = data.decode("utf-8", errors="replace")
-    return text[:chars], len(text) > chars or size > len(data)
-
-
-def clean(folder: str) -> None:
-    """Empty a folder the child wrote into, whatever modes it left (it owns its files)."""
-    for entry in os.listdir(folder):
-        path = os.path.join(folder, entry)
-        for base, dirs, _ in os.walk(path):
-            for d in dirs:
-                try:
-                    os.chmod(os.path.join(base, d), 0o700)
-                except OSError:
-                    pass
-        try:
-            os.chmod(path, 0o700)
-        except OSError:
-            pass
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) else \
-            _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def setup() -> bytes | None:
+    zygote_bpf = read_filter(SETTINGS["zygote_filter"]) if SETTINGS["zygote_filter"] else None
+    child_bpf = read_filter(SETTINGS["child_filter"]) if SETTINGS["child_filter"] else None
+    check(libc.prctl(38, 1, 0, 0, 0) == 0, "prctl(PR_SET_NO_NEW_PRIVS)")  # bwrap set it already; be sure
+    check(zygote_bpf is None or load_filter(zygote_bpf), "seccomp filter not loaded")
+    check(libc.prctl(4, 0, 0, 0, 0) == 0, "prctl(PR_SET_DUMPABLE, 0)")  # no child reaches our /proc or memory
+    return child_bpf
 
 
 def serve(child_bpf: bytes | None) -> None:
-    reply = os.fdopen(os.dup(1), "w")
-    os.dup2(os.open("/dev/null", os.O_WRONLY), 1)  # nothing but replies on the protocol pipe
-    print(json.dumps({"ready": True, "uid": os.getuid()}), file=reply, flush=True)
-    for n, line in enumerate(sys.stdin):
-        request = json.loads(line)
-        run_dir = os.path.join(SETTINGS["work"], f"run-{n}")
-        os.mkdir(run_dir, 0o700)
-        fds = (memfile("stdin", request["stdin"].encode()), memfile("stdout"), memfile("stderr"))
+    sock = socket.socket(fileno=SETTINGS["socket"])
+    sock.send(json.dumps({"ready": True, "uid": NOBODY if SETTINGS["drop"] else os.getuid()}).encode())
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+        except OSError:
+            return
+        if not message:  # the caller is gone
+            return
+        limits = json.loads(message)
+        run_dir = None if SETTINGS["isolate"] else os.path.join(SETTINGS["work"], f"run-{time.monotonic_ns()}")
+        if run_dir:
+            os.mkdir(run_dir, 0o700)
         start = time.perf_counter()
         pid = os.fork()
         if pid == 0:
-            child(request, run_dir, fds, child_bpf)
-        pidfd = os.pidfd_open(pid)
-        timed_out = not select.select([pidfd], [], [], request["limits"]["wall_seconds"])[0]
-        if timed_out:
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        seconds = time.perf_counter() - start
-        os.close(pidfd)
-        chars = request["limits"]["output_chars"]
-        (stdout, cut_out), (stderr, cut_err) = read_capped(fds[1], chars), read_capped(fds[2], chars)
+            child(limits, fds, run_dir, child_bpf)
         for fd in fds:
             os.close(fd)
-        for folder in (run_dir, *SETTINGS["scratch"]):  # nothing a program leaves reaches the next one
-            clean(folder)
-        os.rmdir(run_dir)
+        pidfd = os.pidfd_open(pid)
+        timed_out = not select.select([pidfd], [], [], limits["wall_seconds"])[0]
+        if timed_out:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended just now
+                pass
+        _, status = os.waitpid(pid, 0)
+        os.close(pidfd)
+        seconds = time.perf_counter() - start
+        if run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
         rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        print(json.dumps({"returncode": rc, "timed_out": timed_out, "seconds": round(seconds, 4),
-                          "stdout": stdout, "stderr": stderr, "truncated": cut_out or cut_err}),
-              file=reply, flush=True)
+        sock.send(json.dumps({"returncode": rc, "timed_out": timed_out, "seconds": round(seconds, 4)}).encode())
 
 
 if __name__ == "__main__":

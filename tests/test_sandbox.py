@@ -213,6 +213,96 @@ assert "done" not in results.values(), results
 
 
 @needs_full
+def test_a_program_finds_nothing_of_the_one_before_in_its_memory():
+    """Every program is forked from a zygote that never held another program's code, input or
+    output: a scan of the whole readable memory of the next one finds none of them."""
+    token = uuid.uuid4().hex
+    first = run_python(f"import sys\nprint('OUT-{token}', sys.stdin.read())\nx = 'CODE-{token}'",
+                       stdin=f"IN-{token}")
+    assert first.ok and f"OUT-{token}" in first.stdout
+    scan = hostile(f"""
+import re, sys
+token = {token[::-1]!r}[::-1]  # built here, so this program's own text does not contain it
+found = set()
+f = sys._getframe().f_back  # the frames below this program's own
+while f:
+    found.update(k for k, v in f.f_locals.items() if token in repr(v))
+    f = f.f_back
+with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+    for line in maps:
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if "r" not in line.split()[1] or end - start > 1 << 30:
+            continue
+        try:
+            mem.seek(start)
+            data = mem.read(end - start)
+        except (OSError, ValueError, OverflowError):
+            continue
+        found.update(m.decode() for m in re.findall(rb"(OUT|IN|CODE)-" + token.encode(), data))
+print(sorted(found))
+""", limits=SandboxLimits(cpu_seconds=5, wall_seconds=10, memory_mb=1024))
+    assert scan.ok, scan.stderr
+    assert scan.stdout.strip() == "[]"
+
+
+@needs_full
+def test_a_program_cannot_slow_stop_or_share_state_with_the_next():
+    """The attacks of a red-team read, each followed by a program that must be unaffected."""
+    r = hostile("""
+import ctypes, fcntl, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+zygote, results = os.getppid(), {}
+r, w = os.pipe()
+for name, call in [
+    ("setown", lambda: fcntl.fcntl(r, fcntl.F_SETOWN, zygote)),           # SIGIO aimed at the zygote
+    ("setsig", lambda: fcntl.fcntl(r, 10, signal.SIGSTOP)),               # F_SETSIG
+    ("sched_setattr", lambda: libc.syscall(314, zygote, (ctypes.c_uint32 * 14)(56, 5), 0) == 0 or 1 / 0),
+    ("shmget", lambda: libc.shmget(0, 1 << 20, 0o1666) >= 0 or 1 / 0),   # System V memory outlives a process
+    ("msgget", lambda: libc.msgget(0, 0o1666) >= 0 or 1 / 0),
+    ("mq_open", lambda: libc.mq_open(b"/q", 0o102, 0o666, None) >= 0 or 1 / 0),
+    ("memfd", lambda: os.memfd_create("x")),
+]:
+    try:
+        call()
+        results[name] = "done"
+    except (OSError, ZeroDivisionError):
+        results[name] = "refused"
+print(results)
+os.makedirs("/tmp/a/b")
+open("/tmp/a/b/left", "w").write("x")
+os.chmod("/tmp/a/b", 0)
+os.chmod("/tmp/a", 0)
+open("/work/left", "w").write("x")
+made = 0
+try:
+    while True:
+        open(f"/work/f{made}", "w").close()
+        made += 1
+except OSError as e:
+    print("files stopped at", made, e.errno)
+assert set(results.values()) == {"refused"}, results
+""", limits=SandboxLimits(cpu_seconds=3, wall_seconds=6))
+    assert r.ok, (r.stdout, r.stderr)
+    assert int(r.stdout.split("files stopped at ")[1].split()[0]) <= 2048  # inodes, not only bytes, are capped
+    after = run_python("""
+import os, time
+print(os.sched_getscheduler(0), os.listdir("/work"), os.listdir("/tmp"), flush=True)
+open("mine", "w").write("x" * 1000)
+time.sleep(2)
+""", limits=SandboxLimits(wall_seconds=1))
+    assert after.timed_out and after.seconds < 2.5  # the wall clock still holds
+    assert after.stdout.strip() == "0 [] []"  # normal scheduling, an empty folder and /tmp
+
+
+def test_a_signal_without_a_name_is_still_a_reason():
+    from selftrain.sandbox import SandboxResult
+
+    r = SandboxResult(ok=False, stdout="", stderr="", returncode=-40, timed_out=False, seconds=0.0,
+                      output_truncated=False, isolation="full")
+    assert r.error == "killed by signal 40"
+
+
+@needs_full
 def test_ctypes_syscalls_and_namespace_tricks_are_refused(tmp_path):
     marker = tmp_path / "ctypes"
     r = hostile(f"""
