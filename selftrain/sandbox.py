@@ -120,16 +120,18 @@ CHILD_DENIED_SYSCALLS = (
     "sched_setscheduler", "sched_setparam", "sched_setattr", "ioprio_set", "migrate_pages", "move_pages",
     "process_madvise", "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl", "semget",
     "semop", "semtimedop", "semctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify",
-    "mq_getsetattr", "memfd_create",
+    "mq_getsetattr", "memfd_create", "memfd_secret", "fallocate", "flock",
 )
-# fcntl/ioctl commands that aim signals at another process (SIGIO/SIGURG owners, leases, dnotify)
+# fcntl commands refused: signal owners (SIGIO/SIGURG), leases, dnotify; and record locks, which on the
+# shared read-only files would be a channel between programs
+F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW = 6, 7, 37, 38
 F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY, FIOSETOWN, SIOCSPGRP = 8, 10, 15, 1024, 1026, 0x8901, 0x8902
 CLONE_THREAD, AF_UNIX = 0x00010000, 1
 INSIDE = str(Path(__file__).with_name("sandbox_inside.py"))
 
 
 @functools.cache
-def _seccomp_programs() -> tuple[bytes, bytes] | None:
+def _seccomp_programs(network: bool = False) -> tuple[bytes, bytes] | None:
     """(zygote filter, child filter) as BPF, compiled by libseccomp; None where it is missing.
     The zygote must fork and let its children make namespaces; each child adds the strict filter."""
     try:
@@ -148,9 +150,12 @@ def _seccomp_programs() -> tuple[bytes, bytes] | None:
         zygote = [(eperm, name) for name in DENIED_SYSCALLS]
         zygote.append((sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, AF_UNIX)))
         child = [(eperm, name) for name in CHILD_DENIED_SYSCALLS]
-        child += [(eperm, "fcntl", sc.Arg(1, sc.EQ, cmd)) for cmd in (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE,
-                                                                      F_NOTIFY)]
-        child += [(eperm, "ioctl", sc.Arg(1, sc.EQ, cmd)) for cmd in (FIOSETOWN, SIOCSPGRP)]
+        low32 = 0xFFFFFFFF  # the kernel reads a command's low 32 bits: compare those, not all 64
+        child += [(eperm, "fcntl", sc.Arg(1, sc.MASKED_EQ, low32, cmd)) for cmd in (
+            F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY, F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW)]
+        child += [(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, low32, cmd)) for cmd in (FIOSETOWN, SIOCSPGRP)]
+        if not network:  # no socket at all: none can carry files or names past the program's end
+            child += [(sc.ERRNO(errno.EAFNOSUPPORT), "socket"), (sc.ERRNO(errno.EAFNOSUPPORT), "socketpair")]
         child += [(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0)),  # processes, not threads
                   (sc.ERRNO(errno.ENOSYS), "clone3"),  # its flags sit in memory a filter can't read; libc falls back
                   (eperm, "prlimit64", sc.Arg(0, sc.NE, 0))]  # its own limits only (pid 0)
@@ -227,7 +232,7 @@ class _Server:
                     "allow_net": limits.network, "work": str(ctl / "work"),
                     "zygote_filter": None, "child_filter": None}
         if full:  # read by the zygote before anything runs, from a folder bound read-only
-            zygote_filter, child_filter = _seccomp_programs()
+            zygote_filter, child_filter = _seccomp_programs(limits.network)
             (ctl / "zygote.bpf").write_bytes(zygote_filter)
             (ctl / "child.bpf").write_bytes(child_filter)
             settings.update(zygote_filter="/sandbox/ctl/zygote.bpf", child_filter="/sandbox/ctl/child.bpf")
@@ -253,7 +258,9 @@ class _Server:
         return self.errors.read(4000).decode(errors="replace").strip()
 
     def _reply(self, timeout: float) -> dict | None:
-        if not select.select([self.sock], [], [], timeout)[0]:
+        poll = select.poll()  # not select(): the caller may hold more than 1024 files
+        poll.register(self.sock, select.POLLIN)
+        if not poll.poll(timeout * 1000):
             return None
         try:
             return json.loads(self.sock.recv(1 << 16))
@@ -265,13 +272,16 @@ class _Server:
 
     def run(self, code: str, stdin: str, limits: SandboxLimits) -> dict | None:
         files = [tempfile.TemporaryFile() for _ in range(4)]  # code, stdin, stdout, stderr: no name on disk
+        readonly = []
         try:
             for f, text in zip(files, (code, stdin)):
                 f.write(text.encode("utf-8", errors="replace"))
-                f.seek(0)
+                f.flush()
+                readonly.append(os.open(f"/proc/self/fd/{f.fileno()}", os.O_RDONLY))  # the program can't grow them
             with self.lock:
                 try:
-                    socket.send_fds(self.sock, [json.dumps(limits.__dict__).encode()], [f.fileno() for f in files])
+                    socket.send_fds(self.sock, [json.dumps(limits.__dict__).encode()],
+                                    [*readonly, files[2].fileno(), files[3].fileno()])
                     reply = self._reply(timeout=limits.wall_seconds + 3)
                 except OSError:
                     reply = None
@@ -284,6 +294,8 @@ class _Server:
         finally:
             for f in files:
                 f.close()
+            for fd in readonly:
+                os.close(fd)
 
     def close(self) -> None:
         try:

@@ -27,8 +27,9 @@ import time
 SETTINGS = json.loads(sys.argv[1])
 NOBODY = SETTINGS["nobody"]
 libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWIPC = 0x10000000, 0x00020000, 0x08000000
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
+CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x10000000, 0x00020000, 0x08000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+KEPT_FLAGS = 2 | 4 | 8 | 1024 | 2048 | 4096  # nosuid nodev noexec noatime nodiratime relatime: locked, so kept
 
 
 class CapHeader(ctypes.Structure):
@@ -69,24 +70,31 @@ def read_filter(path):
 
 
 def isolate(limits: dict) -> None:
-    """User 65534 in user, mount and IPC namespaces of its own, fresh tmpfs on /work and /tmp,
-    no capability left."""
+    """User 65534 in user, mount, IPC and network namespaces of its own; the sandbox's root and
+    /dev read-only; fresh tmpfs on /work, /tmp, /dev/shm and /dev/pts; no capability left."""
     if SETTINGS["drop"]:  # the real user 65534, outside the sandbox too
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
     check(libc.prctl(4, 1, 0, 0, 0) == 0, "prctl(PR_SET_DUMPABLE)")  # so that uid_map is ours to write
-    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWIPC) == 0, "unshare")
+    net = 0 if SETTINGS["allow_net"] else CLONE_NEWNET  # its own: no socket name outlives it for the next
+    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWIPC | net) == 0, "unshare")
     for name, text in (("setgroups", "deny"), ("uid_map", f"{NOBODY} {NOBODY} 1"),
                        ("gid_map", f"{NOBODY} {NOBODY} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
     check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0, "mount --make-rprivate /")
+    for target in ("/", "/dev"):  # bwrap made them; when the caller is not root they are the zygote's user's
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | (os.statvfs(target).f_flag & KEPT_FLAGS)
+        check(libc.mount(None, target.encode(), None, flags, None) == 0, f"remount {target} read-only")
     options = f"size={limits['disk_mb']}m,nr_inodes={limits['disk_inodes']},mode=0700".encode()
-    for target in (b"/work", b"/tmp"):
-        check(libc.mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, options) == 0, "mount tmpfs")
+    for target, opts in ((b"/work", options), (b"/tmp", options), (b"/dev/shm", b"size=1m,nr_inodes=16,mode=0700"),
+                         (b"/dev/pts", b"size=0,nr_inodes=1,mode=0500")):  # no terminal to leave data in
+        check(libc.mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, opts) == 0, f"mount tmpfs {target}")
     # the new user namespace gave every capability inside it: give them all back
     check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()) == 0, "capset")
+    # not dumpable: no other process of user 65534 on the host may read its memory (its own /proc stays its)
+    check(libc.prctl(4, 0, 0, 0, 0) == 0, "prctl(PR_SET_DUMPABLE, 0)")
 
 
 def install_audit_hook(roots: tuple[str, ...], allow_net: bool) -> None:
@@ -133,7 +141,7 @@ def child(limits: dict, fds: list[int], run_dir: str | None, child_bpf: bytes | 
             source += chunk
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        os.closerange(3, 65536)  # the zygote's socket and files are no longer reachable
+        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[1])  # the zygote's socket: out of reach
         if run_dir is None:
             isolate(limits)
             run_dir, roots = "/work", ("/work", "/tmp")
@@ -222,6 +230,11 @@ def serve(child_bpf: bytes | None) -> None:
         seconds = time.perf_counter() - start
         if run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif os.getpid() == 2:  # in bwrap's PID namespace (1 is its init): end anything the program left
+            try:  # running (only possible without seccomp); -1 spares us and init
+                os.kill(-1, signal.SIGKILL)
+            except OSError:
+                pass
         rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         sock.send(json.dumps({"returncode": rc, "timed_out": timed_out, "seconds": round(seconds, 4)}).encode())
 

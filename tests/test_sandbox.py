@@ -223,26 +223,25 @@ def test_a_program_finds_nothing_of_the_one_before_in_its_memory():
     scan = hostile(f"""
 import re, sys
 token = {token[::-1]!r}[::-1]  # built here, so this program's own text does not contain it
+own = sys.stdin.read()  # its own input: proof that the scan sees what is in memory
 found = set()
 f = sys._getframe().f_back  # the frames below this program's own
 while f:
     found.update(k for k, v in f.f_locals.items() if token in repr(v))
     f = f.f_back
-with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+import ctypes
+with open("/proc/self/maps") as maps:  # every readable mapping, read in place
     for line in maps:
-        start, end = (int(x, 16) for x in line.split()[0].split("-"))
-        if "r" not in line.split()[1] or end - start > 1 << 30:
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if "r" not in fields[1] or end - start > 1 << 30 or fields[-1] in ("[vvar]", "[vsyscall]", "[vvar_vclock]"):
             continue
-        try:
-            mem.seek(start)
-            data = mem.read(end - start)
-        except (OSError, ValueError, OverflowError):
-            continue
-        found.update(m.decode() for m in re.findall(rb"(OUT|IN|CODE)-" + token.encode(), data))
+        data = ctypes.string_at(start, end - start)
+        found.update(m.decode() for m in re.findall(rb"(OUT|IN|CODE|SELF)-" + token.encode(), data))
 print(sorted(found))
-""", limits=SandboxLimits(cpu_seconds=5, wall_seconds=10, memory_mb=1024))
+""", stdin=f"SELF-{token}", limits=SandboxLimits(cpu_seconds=5, wall_seconds=10, memory_mb=1024))
     assert scan.ok, scan.stderr
-    assert scan.stdout.strip() == "[]"
+    assert scan.stdout.strip() == "['SELF']"  # its own input, and nothing of the program before
 
 
 @needs_full
@@ -292,6 +291,48 @@ time.sleep(2)
 """, limits=SandboxLimits(wall_seconds=1))
     assert after.timed_out and after.seconds < 2.5  # the wall clock still holds
     assert after.stdout.strip() == "0 [] []"  # normal scheduling, an empty folder and /tmp
+
+
+@needs_full
+def test_nothing_outlives_a_program_and_no_host_disk_is_taken():
+    """A second red-team read: disk through the output files, objects kept alive by descriptor
+    loops, terminals, record locks, high bits in fcntl commands."""
+    r = hostile("""
+import ctypes, fcntl, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+results = {}
+for name, call in [
+    ("fallocate_stdout", lambda: libc.fallocate(1, 1, ctypes.c_long(0), ctypes.c_long(1 << 30)) == 0 or 1 / 0),
+    ("write_stdin", lambda: os.write(0, b"x")),
+    ("socketpair", lambda: socket.socketpair()),
+    ("unix_socket", lambda: socket.socket(socket.AF_UNIX)),
+    ("pty", lambda: os.openpty()),
+    ("setown_high_bits", lambda: libc.syscall(72, 1, ctypes.c_long(8 | 1 << 32), os.getppid()) == 0 or 1 / 0),
+    ("flock", lambda: fcntl.flock(os.open("/usr/bin/env", os.O_RDONLY), fcntl.LOCK_SH)),
+    ("record_lock", lambda: fcntl.lockf(os.open("/work/f", os.O_CREAT | os.O_RDWR), fcntl.LOCK_EX)),
+    ("memfd_secret", lambda: libc.syscall(447, 0) >= 0 or 1 / 0),
+    ("write_root", lambda: open("/left", "w")),
+    ("write_dev", lambda: open("/dev/left", "w")),
+]:
+    try:
+        call()
+        results[name] = "done"
+    except (OSError, ZeroDivisionError):
+        results[name] = "refused"
+print(results)
+assert set(results.values()) == {"refused"}, results
+""")
+    assert r.ok, (r.stdout, r.stderr)
+
+
+def test_a_caller_with_many_open_files_is_served(tmp_path):
+    files = [open(tmp_path / f"f{i}", "w") for i in range(1100)]  # descriptors above select()'s 1024
+    try:
+        r = run("print(6 * 7)")
+        assert r.ok and r.stdout == "42\n"
+    finally:
+        for f in files:
+            f.close()
 
 
 def test_a_signal_without_a_name_is_still_a_reason():
@@ -391,16 +432,28 @@ SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]
 @pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists() or not Path("/usr/bin/setpriv").exists(),
                     reason="needs root (to become another user), setpriv and a system Python of this version")
 def test_an_unprivileged_caller_gets_full_isolation_too():
-    """Not every user runs selftrain as root: then bwrap makes the user namespace itself."""
+    """Not every user runs selftrain as root: then bwrap makes the user namespace itself, and the
+    zygote shares the program's user, so the read-only root and /dev matter."""
+    program = HOOK_OFF + """
+import os
+print(os.getuid())
+for path in ("/x", "/dev/x", "/sandbox/x", "/usr/x"):
+    try:
+        open(path, "w")
+        print("wrote", path)
+    except OSError:
+        pass
+os.fork()
+"""
     site = next(p for p in sys.path if p.endswith("site-packages"))
-    code = ("from selftrain.sandbox import run_python\n"
-            "r = run_python('import os\\nprint(os.getuid())\\nos.fork()')\n"
+    code = ("import sys\nfrom selftrain.sandbox import run_python\n"
+            "r = run_python(sys.stdin.read())\n"
             "print(r.isolation, r.stdout.strip(), r.ok)")
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{Path(__file__).resolve().parents[1]}:{site}"}
     out = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                          str(SYSTEM_PYTHON), "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                         cwd="/tmp")
-    assert out.stdout.split() == ["full", "65534", "False"], out.stderr
+                          str(SYSTEM_PYTHON), "-c", code], env=env, input=program, capture_output=True, text=True,
+                         timeout=60, cwd="/tmp")
+    assert out.stdout.split() == ["full", "65534", "False"], (out.stdout, out.stderr)
 
 
 def test_infinite_loop_is_stopped_by_the_cpu_limit():
