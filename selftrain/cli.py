@@ -1,6 +1,7 @@
 """The `selftrain` command: run, demo, inspect, report, eval, tasks.
 
-User errors (bad config, data, model path) print one clear message and exit with code 2.
+User errors (bad config, data, model path) print one clear message and exit with code 2;
+Ctrl-C prints one line and exits with 130 (a run's manifest stays consistent and resumes).
 """
 
 from __future__ import annotations
@@ -27,23 +28,26 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
 @contextmanager
-def user_errors():
+def user_errors(interrupted: str = "interrupted"):
     try:
         yield
     except SelftrainError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print(f"\n[bold yellow]{interrupted}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
-def _run(config_path: Path, overrides: list[str]) -> None:
+def _run(config_path: Path, overrides: list[str], restart_from: str | None = None) -> None:
     from selftrain.config import load_config
 
-    with user_errors():
+    with user_errors("interrupted; the run is saved: run the same command again to resume"):
         cfg = load_config(config_path, overrides)
         from selftrain.runner import Runner  # heavy imports only once the config is valid
 
         quiet_libraries()
-        manifest = Runner(cfg, console=err_console).run()
+        manifest = Runner(cfg, console=err_console, restart_from=restart_from, config_path=config_path).run()
     console.print(stage_table(manifest))
     final = cfg.run_dir / "final"
     console.print(f"final model: [bold]{final}[/]  (transformers.pipeline('text-generation', model='{final}'))")
@@ -54,9 +58,11 @@ def _run(config_path: Path, overrides: list[str]) -> None:
 def run(
     config: Path = typer.Argument(..., help="Run config (YAML). See configs/ for examples."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: --set stages.pretrain.max_steps=50"),
+    restart_from: str | None = typer.Option(None, "--restart-from", help="Redo this stage (e.g. r1-02-pretrain) and "
+                                            "every one after it, with the config's current options."),
 ):
     """Run (or resume) a pipeline. Re-running the same command resumes an interrupted run."""
-    _run(config, set_)
+    _run(config, set_, restart_from)
 
 
 @app.command()
@@ -76,7 +82,7 @@ def inspect(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs
         ws = Workspace(run_dir)
         if not ws.exists():
             raise SelftrainError(f"{run_dir} is not a selftrain run (no manifest.json)")
-        manifest = ws.load_manifest()
+        manifest = ws.load_manifest()  # refuses a manifest that lacks what is shown here
     console.print(f"run [bold]{manifest['run_name']}[/]: {manifest['status']}, model {manifest['model_kind']}, "
                   f"current checkpoint {manifest['current_checkpoint']}")
     console.print(stage_table(manifest, reasons=True))
@@ -119,7 +125,11 @@ def eval_(
     from selftrain.modeling.factory import load_pretrained, model_kind
 
     with user_errors():
+        if output is None:
+            output = Path("eval-results") / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_.") + ".json")
+        _check_writable(output)  # before the model loads: a bad path should not cost a model load
         shot_list = _parse_shots(shots)
+        eval_cfg = _eval_config(max_tokens=max_tokens, samples=samples, batch_size=batch_size)
         chat_mode = {"true": True, "false": False, "auto": "auto"}.get(chat.lower())
         if chat_mode is None:
             raise SelftrainError(f"--chat must be true, false or auto, not {chat!r}")
@@ -137,11 +147,9 @@ def eval_(
             result = _eval_tasks(m, tok, specs, shot_list, limit, self_icl, chat_mode, texts, batch_size, seed,
                                  log_samples)
         else:
-            from selftrain.config import EvalConfig
             from selftrain.evaluation import evaluate
 
-            metrics, _ = evaluate(m, tok, texts, EvalConfig(max_tokens=max_tokens, samples=samples),
-                                  kind=model_kind(m), seed=seed)
+            metrics, _ = evaluate(m, tok, texts, eval_cfg, kind=model_kind(m), seed=seed)
             table = Table("metric", "value")
             for k, v in metrics.items():
                 table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -149,11 +157,37 @@ def eval_(
             result = {"model": model, "data": data, "metrics": metrics}
     from selftrain.workspace import atomic_write_json
 
-    if output is None:
-        output = Path("eval-results") / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_.") + ".json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(output, result)
+    with user_errors():
+        try:
+            atomic_write_json(output, result)
+        except OSError as e:
+            raise SelftrainError(f"cannot write {output}: {e}") from None
     console.print(f"wrote {output}")
+
+
+def _check_writable(path: Path) -> None:
+    """A file we could create or replace; checked without writing anything."""
+    if path.is_dir():
+        raise SelftrainError(f"--output {path} is a directory; give a file name, e.g. {path / 'scores.json'}")
+    parent = path.parent
+    while not parent.exists():  # the folders to create start at the nearest existing one
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SelftrainError(f"--output {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SelftrainError(f"--output {path}: no permission to write in {parent}")
+
+
+def _eval_config(**options):
+    from pydantic import ValidationError
+
+    from selftrain.config import EvalConfig
+
+    try:
+        return EvalConfig(**options)
+    except ValidationError as e:
+        raise SelftrainError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}"
+                                       for err in e.errors())) from None
 
 
 def _parse_shots(shots: str) -> list[int]:

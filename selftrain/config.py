@@ -133,6 +133,12 @@ class EvalConfig(Section):
         return [{"task": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
 
 
+class SandboxSection(Section):
+    min_isolation: Literal["full", "namespaces", "none"] = Field(
+        "full", description="Least isolation model-written code may run under: full (namespaces, user 65534, "
+        "seccomp), namespaces (no seccomp) or none (rlimits and an audit hook only); stages refuse to start below.")
+
+
 class StageSpec(BaseModel):
     """One validated stage entry: its registered name and its own config."""
 
@@ -147,6 +153,7 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Unlabelled text and its split.")
     guard: GuardConfig = Field(default_factory=GuardConfig, description="Accept / roll back rule.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after every stage.")
+    sandbox: SandboxSection = Field(default_factory=SandboxSection, description="Where model-written code runs.")
     rounds: int = Field(1, ge=1, description="How many times the stage list runs.")
     stages: list[str | dict[str, Any]] = Field(..., min_length=1, description="Stages, in order.")
 
@@ -180,9 +187,25 @@ class RunConfig(Section):
         return Path(self.run.output_dir or f"runs/{self.run.name}")
 
     def fingerprint(self) -> str:
-        """Hash of everything that shapes the run's results; a resume must match it."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """Hash of the whole config: what manifests before version 2 stored (see run_fingerprints)."""
+        return _hash(self.model_dump(mode="json"))
+
+    def run_fingerprints(self) -> dict[str, str]:
+        """One hash per run-level section: what shapes every finished stage's results (model, data,
+        seed, evaluation, guard, and any section added later). A resume must match them all.
+        Stages are fingerprinted one by one (stage_fingerprint); rounds only add stages."""
+        dump = self.model_dump(mode="json", exclude={"rounds", "stages", "sandbox"})  # sandbox: how, not what
+        dump["run.seed"] = dump.pop("run")["seed"]  # name, directory, device don't change results
+        return {k: _hash(v) for k, v in dump.items()}
+
+
+def stage_fingerprint(spec: StageSpec) -> str:
+    """Hash of one stage's resolved options (defaults filled in), to tell if a finished one changed."""
+    return _hash({"name": spec.name, "config": spec.config.model_dump(mode="json")})
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- loading
@@ -270,10 +293,18 @@ def _set_path(node: Any, parts: list[str], value: Any, key: str) -> None:
 # ---------------------------------------------------------------------------- messages
 
 
-def _unknown_key_message(where: str, key: str, valid: list[str]) -> str:
+def unknown_name(key: str, valid, what: str = "key", listing: str | None = None) -> str:
+    """The message for a name that is not valid, with the closest valid one (``unknown key
+    'lerning_rate'. Did you mean 'learning_rate'? Valid keys: ...``); ``listing`` replaces a list
+    too long to print."""
+    valid = sorted(valid)
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"config error at {where}: unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}"
+    return f"unknown {what} {key!r}.{hint} Valid {what}s: {listing or ', '.join(valid)}"
+
+
+def _unknown_key_message(where: str, key: str, valid: list[str]) -> str:
+    return f"config error at {where}: {unknown_name(key, valid)}"
 
 
 def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -301,6 +332,8 @@ def _format_validation_error(err: ValidationError, cls: type[BaseModel], prefix:
             lines.append(_unknown_key_message(where, str(loc[-1]), valid))
         elif e["type"] == "missing":
             lines.append(f"config error at {where}: required key is missing")
+        elif e["type"] == "value_error":  # our validators' messages name the key and what is valid
+            lines.append(f"config error at {where}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"config error at {where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -1,11 +1,14 @@
 """Rounds x stages, with a guard after each stage and resume from the manifest.
 
-Set-up reads the data, builds the model and runs every stage's preflight *before* the run
-directory is touched, so bad input never leaves a half-made or damaged run behind. Each
-stage then runs from the last accepted checkpoint; the same held-out evaluation follows; the
+The run lock is taken first. Set-up then reads the data, builds the model and runs every
+stage's preflight *before* anything is written, so bad input never leaves a half-made or
+damaged run behind. Each stage then runs from the last accepted checkpoint; the same held-out
+evaluation follows (part of the stage's attempt: a model that breaks it fails the stage); the
 guard accepts it or rolls it back; and only then is the manifest (the single source of truth)
 rewritten atomically. Running the same command again skips finished stages and restarts an
-interrupted one (pretrain itself resumes from its last Trainer checkpoint).
+interrupted one (pretrain itself resumes from its last Trainer checkpoint). Resuming checks the
+config per stage: run-level sections and finished stages must match, stages still to run may
+change, and ``restart_from`` redoes a stage and every one after it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from selftrain.config import GuardConfig, RunConfig
+from selftrain.config import GuardConfig, RunConfig, StageSpec, stage_fingerprint
 from selftrain.data.pool import Pool, prepare_corpus
 from selftrain.errors import SelftrainError
 from selftrain.evaluation import LOWER_IS_BETTER, evaluate
@@ -30,15 +33,27 @@ from selftrain.modeling.factory import (
     load_checkpoint,
     save_checkpoint,
 )
+from selftrain.sandbox import require_isolation
 from selftrain.stages import REGISTRY, RunState
-from selftrain.workspace import MANIFEST_VERSION, Workspace, atomic_write_text, replace_dir
+from selftrain.workspace import (
+    MANIFEST_VERSION,
+    TEMP_NAME,
+    Workspace,
+    atomic_write_text,
+    replace_dir,
+)
 
 DONE = ("accepted", "rolled_back", "failed")
 SETUP_FILES = {".lock", "config.yaml", "data", "checkpoints", "metrics.jsonl"}
+# What an attempt records about its outcome; cleared when the stage is tried again.
+OUTCOME = ("decision", "reason", "metrics_after", "stage_metrics", "checkpoint", "checkpoint_deleted", "seconds",
+           "finished", "pool_added", "pool_dropped_by_cap")
 
 
 def guard_decision(guard: GuardConfig, before: dict, after: dict) -> tuple[bool, str]:
     """Accept unless the guard metric regresses past tolerance or a collapse signal fires."""
+    if after.get("diverged"):
+        return False, f"diverged: {after.get('diverged_reason', 'non-finite metrics')}"
     name = guard.metric
     b, a = before.get(name), after.get(name)
     if a is None or b is None:
@@ -58,9 +73,12 @@ def guard_decision(guard: GuardConfig, before: dict, after: dict) -> tuple[bool,
 
 
 class Runner:
-    def __init__(self, config: RunConfig, console: Console | None = None):
+    def __init__(self, config: RunConfig, console: Console | None = None, *, restart_from: str | None = None,
+                 config_path: str | Path | None = None):
         self.cfg = config
         self.specs = config.stage_specs()
+        self.restart_from = restart_from
+        self.command = f"selftrain run {config_path or 'CONFIG'}"  # for the hints in error messages
         self.ws = Workspace(config.run_dir)
         self.console = console or Console(stderr=True)
         dev = config.run.device
@@ -68,30 +86,29 @@ class Runner:
             raise SelftrainError("run.device=cuda but no CUDA device is available")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
 
+    def plan(self) -> list[tuple[str, int, int, StageSpec]]:
+        """Every stage execution this config asks for, in order: (key, round, index, spec)."""
+        return [(f"r{rnd}-{idx:02d}-{spec.name}", rnd, idx, spec)
+                for rnd in range(1, self.cfg.rounds + 1) for idx, spec in enumerate(self.specs, 1)]
+
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict:
-        if self.ws.exists():
-            manifest = self.ws.load_manifest()
-            if manifest.get("config_fingerprint") != self.cfg.fingerprint():
-                raise SelftrainError(
-                    f"{self.ws.root} holds a run with a different config; to resume, use the same config "
-                    "and --set options; otherwise choose another run.name or run.output_dir")
-            self.ws.lock()
-            self.console.print(f"[bold]resuming[/] {self.ws.root} ({_progress(manifest)})")
-        else:
-            manifest = self._setup()
-        try:
+        root = self.ws.root
+        if root.exists() and not self.ws.exists() and (not root.is_dir() or any(
+                p.name not in SETUP_FILES and not TEMP_NAME.fullmatch(p.name) for p in root.iterdir())):
+            # checked before locking: never put a lock file into someone else's folder
+            raise SelftrainError(f"{root} exists and is not a selftrain run directory; choose another run.output_dir")
+        if self.restart_from and not self.ws.exists():
+            raise SelftrainError(f"--restart-from {self.restart_from}: {root} holds no run to restart")
+        with self.ws.locked():  # before set-up: a second process is refused whatever this one is doing
+            self.ws.clean_temp()
+            manifest = self._resume() if self.ws.exists() else self._setup()
             manifest = self._stages(manifest)
             self._finish(manifest)
-        finally:
-            self.ws.unlock()
         return manifest
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> dict:
-        root = self.ws.root
-        if root.exists() and any(p.name not in SETUP_FILES for p in root.iterdir()):
-            raise SelftrainError(f"{root} exists and is not a selftrain run directory; choose another run.output_dir")
         cfg, con = self.cfg, self.console
         con.print(f"[bold]loading data[/] {cfg.data.train}")
         train, heldout, stats = prepare_corpus(cfg.data, cfg.run.seed)
@@ -102,16 +119,14 @@ class Runner:
         model, tokenizer, kind = build_initial(cfg.model, train_texts, cfg.run.seed)
         con.print(f"  {type(model).__name__}, {count_parameters(model) / 1e6:.2f}M parameters, "
                   f"vocab {len(tokenizer)}")
-        for spec in self.specs:  # reject bad input before writing anything
-            REGISTRY[spec.name]().preflight(spec.config, model=model, tokenizer=tokenizer, kind=kind,
-                                             train_texts=train_texts)
+        self._preflight(self.specs, model, tokenizer, kind, train_texts)  # reject bad input before writing
         con.print("[bold]evaluating the starting model[/] on held-out text")
         baseline, samples = evaluate(model.to(self.device), tokenizer, heldout_texts, cfg.eval, kind=kind,
                                      seed=cfg.run.seed)
         if cfg.guard.metric not in baseline:
             raise SelftrainError(f"guard.metric {cfg.guard.metric!r} is not computed; available: "
                                  f"{', '.join(sorted(baseline))}")
-        self.ws.lock()
+        self.ws.metrics_path.unlink(missing_ok=True)  # left by a set-up that was interrupted
         atomic_write_text(self.ws.config_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         Pool(train).save(self.ws.data_dir / "pool")
         Pool(heldout).save(self.ws.data_dir / "heldout")
@@ -119,7 +134,7 @@ class Runner:
         self.ws.log_metrics({"stage": "initial", "phase": "eval", **baseline})
         manifest = {
             "version": MANIFEST_VERSION, "run_name": cfg.run.name, "status": "running",
-            "config_fingerprint": cfg.fingerprint(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "run_fingerprints": cfg.run_fingerprints(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "model_kind": kind, "device": self.device, "data": stats,
             "initial_checkpoint": self.ws.rel(initial), "current_checkpoint": self.ws.rel(initial),
             "pool": "data/pool", "baseline_metrics": baseline, "accepted_metrics": baseline,
@@ -128,27 +143,138 @@ class Runner:
         self.ws.save_manifest(manifest)
         return manifest
 
+    def _preflight(self, specs, model, tokenizer, kind: str, train_texts: list[str]) -> None:
+        for spec in specs:
+            stage = REGISTRY[spec.name]()
+            stage.preflight(spec.config, model=model, tokenizer=tokenizer, kind=kind, train_texts=train_texts)
+            if stage.runs_model_code(spec.config):  # refused here, not hours into the run
+                require_isolation(self.cfg.sandbox.min_isolation)
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> dict:
+        """Check the config against the run, preflight the stages still to run, and only then
+        change anything (restart, config snapshot). Everything here fails before a write."""
+        ws, cfg = self.ws, self.cfg
+        manifest = ws.load_manifest()
+        entries, cut = manifest["stages"], len(manifest["stages"])
+        if self.restart_from:
+            keys = [e["key"] for e in entries]
+            if self.restart_from not in keys:
+                raise SelftrainError(f"--restart-from {self.restart_from}: no such stage in {ws.root}; "
+                                     f"its stages are {', '.join(keys) or 'none yet'}")
+            cut = keys.index(self.restart_from)
+        self._check_config(manifest, entries[:cut])
+        finished = {e["key"] for e in entries[:cut] if e["status"] in DONE}
+        todo = [spec for key, _, _, spec in self.plan() if key not in finished]
+        if todo:
+            start = entries[cut]["start_checkpoint"] if cut < len(entries) else manifest["current_checkpoint"]
+            model, tokenizer = load_checkpoint(ws.abs(start), manifest["model_kind"])
+            train_texts = Pool.load(ws.data_dir / "pool").texts()
+            self._preflight(todo, model, tokenizer, manifest["model_kind"], train_texts)
+            del model
+        # valid: from here on the run is changed
+        if cut < len(entries):
+            self._restart(manifest, cut)
+        planned = {key for key, *_ in self.plan()}
+        for e in [e for e in manifest["stages"] if e["key"] not in planned]:  # unfinished, no longer asked for
+            manifest["stages"].remove(e)
+            shutil.rmtree(ws.stage_dir(e["key"]), ignore_errors=True)
+        fingerprints = {key: stage_fingerprint(spec) for key, _, _, spec in self.plan()}
+        for e in manifest["stages"]:
+            e.setdefault("fingerprint", fingerprints[e["key"]])  # a version-1 manifest (config was identical)
+        manifest.update(version=MANIFEST_VERSION, run_fingerprints=cfg.run_fingerprints(),
+                        status="running" if todo else manifest["status"])
+        manifest.pop("config_fingerprint", None)
+        atomic_write_text(ws.config_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        ws.save_manifest(manifest)
+        self.console.print(f"[bold]resuming[/] {ws.root} ({_progress(manifest)}; {len(todo)} to run)")
+        return manifest
+
+    def _check_config(self, manifest: dict, kept: list[dict]) -> None:
+        """Run-level sections must match; finished stages must match theirs and come first."""
+        cfg, root, hint = self.cfg, self.ws.root, f"{self.command} --restart-from"
+        if "run_fingerprints" not in manifest:  # version 1: one hash of the whole config
+            if manifest.get("config_fingerprint") != cfg.fingerprint():
+                raise SelftrainError(
+                    f"{root} holds a run with a different config, written by an older selftrain that can only "
+                    f"resume with exactly the same config (its copy: {root / 'config.yaml'}); or choose another "
+                    "run.name or run.output_dir")
+            return
+        saved, now = manifest["run_fingerprints"], cfg.run_fingerprints()
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if changed:
+            raise SelftrainError(
+                f"{root} holds a run with a different config: {', '.join(changed)} changed, and these shape every "
+                f"finished stage. Resume with the run's settings ({root / 'config.yaml'}), or choose another "
+                "run.name or run.output_dir")
+        plan = {key: spec for key, _, _, spec in self.plan()}
+        order = list(plan)
+        finished = [e["key"] for e in kept if e["status"] in DONE]
+        for e in kept:
+            if e["status"] not in DONE:
+                continue
+            if e["key"] not in plan:
+                raise SelftrainError(f"stage {e['key']} of {root} is finished but no longer in the config; to drop "
+                                     f"it and every stage after it: {hint} {e['key']}")
+            if e.get("fingerprint") != stage_fingerprint(plan[e["key"]]):
+                raise SelftrainError(f"stage {e['key']} of {root} has finished with other options, and finished "
+                                     f"stages are kept as they ran; to redo it and every stage after it with the "
+                                     f"new options: {hint} {e['key']}")
+        todo = [k for k in order if k not in finished]
+        late = [k for k in order[order.index(todo[0]):] if k in finished] if todo else []
+        if late:
+            raise SelftrainError(f"stage {todo[0]} is new but comes before finished stage {late[0]}; to run the "
+                                 f"stages in the config's order: {hint} {late[0]}")
+
+    def _restart(self, manifest: dict, cut: int) -> None:
+        """Forget stage ``cut`` and every later one: checkpoint, accepted metrics and pool go
+        back to what they were when it started."""
+        ws, first = self.ws, manifest["stages"][cut]
+        dropped = {e["key"] for e in manifest["stages"][cut:]}
+        pool = Pool.load(ws.abs(manifest["pool"]))
+        kept = [i for i, s in enumerate(pool.ds["stage"]) if s not in dropped]  # rows are only ever appended
+        if len(kept) < len(pool):
+            path = f"data/pool-restart-{first['key']}"
+            Pool(pool.ds.select(kept)).save(ws.abs(path))
+            manifest["pool"] = path
+        manifest.update(stages=manifest["stages"][:cut], current_checkpoint=first["start_checkpoint"],
+                        accepted_metrics=first["metrics_before"])
+        ws.save_manifest(manifest)
+        ws.drop_metrics(dropped)
+        for key in dropped:
+            shutil.rmtree(ws.stage_dir(key), ignore_errors=True)
+        self.console.print(f"[bold]restarting from[/] {first['key']}: {len(dropped)} stage(s) will be redone")
+
     # ------------------------------------------------------------------ the loop
     def _stages(self, manifest: dict) -> dict:
-        cfg, ws = self.cfg, self.ws
+        ws = self.ws
         heldout = Pool.load(ws.data_dir / "heldout").texts()
         entries = {e["key"]: e for e in manifest["stages"]}
-        for rnd in range(1, cfg.rounds + 1):
-            for idx, spec in enumerate(self.specs, 1):
-                key = f"r{rnd}-{idx:02d}-{spec.name}"
-                entry = entries.get(key)
-                if entry and entry["status"] in DONE:
-                    continue
-                if entry is None:
-                    entry = entries[key] = {"key": key, "round": rnd, "index": idx, "name": spec.name, "attempts": 0}
-                    manifest["stages"].append(entry)
-                before = manifest["accepted_metrics"]
-                entry.update(status="running", attempts=entry["attempts"] + 1,
-                             start_checkpoint=manifest["current_checkpoint"],
-                             started=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics_before=before)
-                ws.save_manifest(manifest)
+        for key, rnd, idx, spec in self.plan():
+            entry = entries.get(key)
+            if entry and entry["status"] in DONE:
+                continue
+            fingerprint = stage_fingerprint(spec)
+            if entry is None or entry.get("fingerprint") != fingerprint:
+                # a fresh start: nothing from a redone stage, or from this one's old options, is reused
+                shutil.rmtree(ws.stage_dir(key), ignore_errors=True)
+            if entry is None:
+                entry = entries[key] = {"key": key, "round": rnd, "index": idx, "name": spec.name, "attempts": 0}
+                manifest["stages"].append(entry)
+            ws.drop_metrics({key})  # a retried stage logs its steps once, not once per attempt
+            for k in OUTCOME:
+                entry.pop(k, None)
+            entry.update(status="running", attempts=entry["attempts"] + 1, fingerprint=fingerprint,
+                         start_checkpoint=manifest["current_checkpoint"],
+                         started=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics_before=manifest["accepted_metrics"])
+            ws.save_manifest(manifest)
+            try:
                 self._run_one(manifest, entry, spec, rnd, heldout)
+            except KeyboardInterrupt:  # Ctrl-C: a consistent manifest; the stage is retried next time
+                entry.update(status="interrupted", reason="interrupted (Ctrl-C); retried on the next run")
                 ws.save_manifest(manifest)
+                raise
+            ws.save_manifest(manifest)
         return manifest
 
     def _run_one(self, manifest: dict, entry: dict, spec, rnd: int, heldout) -> None:
@@ -169,21 +295,14 @@ class Runner:
             ws.save_manifest(manifest)
             raise
         except Exception as e:  # a crash in one stage must not lose the run: record it, roll back
-            (stage_dir / "error.txt").write_text(traceback.format_exc())
-            entry.update(status="failed", decision="rolled_back", reason=f"{type(e).__name__}: {e}",
-                         seconds=round(time.perf_counter() - start, 1), metrics_after=entry["metrics_before"])
-            con.print(f"[red]{key} failed[/]: {type(e).__name__}: {e} (traceback in {stage_dir / 'error.txt'})")
-            return
+            return self._failed(entry, e, start)
         stage_seconds = time.perf_counter() - start
         before = entry["metrics_before"]
-        if result.checkpoint is not None:
-            model, tokenizer = load_checkpoint(result.checkpoint, manifest["model_kind"])
-            after, samples = evaluate(model.to(self.device), tokenizer, heldout, cfg.eval,
-                                      kind=manifest["model_kind"], seed=cfg.run.seed)
-            _write_samples(stage_dir / "samples.txt", samples)
-            del model
-        else:
-            after = before
+        try:  # evaluating the new model is part of the attempt: a model that breaks it fails the stage
+            after = before if result.checkpoint is None else self._evaluate(
+                result.checkpoint, manifest["model_kind"], heldout, stage_dir)
+        except Exception as e:
+            return self._failed(entry, e, start, result.checkpoint)
         accepted, reason = guard_decision(cfg.guard, before, after)
         entry.update(
             status="accepted" if accepted else "rolled_back", decision="accepted" if accepted else "rolled_back",
@@ -207,6 +326,26 @@ class Runner:
             entry["checkpoint_deleted"] = True
         colour = "green" if accepted else "yellow"
         con.print(f"[{colour}]{entry['decision']}[/]: {reason}")
+
+    def _evaluate(self, checkpoint: Path, kind: str, heldout: list[str], stage_dir: Path) -> dict:
+        model, tokenizer = load_checkpoint(checkpoint, kind)
+        after, samples = evaluate(model.to(self.device), tokenizer, heldout, self.cfg.eval, kind=kind,
+                                  seed=self.cfg.run.seed)
+        _write_samples(stage_dir / "samples.txt", samples)
+        return after
+
+    def _failed(self, entry: dict, error: Exception, start: float, checkpoint: Path | None = None) -> None:
+        """Record a crashed attempt (traceback in error.txt) and roll it back; the run goes on."""
+        key, stage_dir = entry["key"], self.ws.stage_dir(entry["key"])
+        atomic_write_text(stage_dir / "error.txt", "".join(traceback.format_exception(error)))
+        entry.update(status="failed", decision="rolled_back", reason=f"{type(error).__name__}: {error}",
+                     seconds=round(time.perf_counter() - start, 1), metrics_after=entry["metrics_before"],
+                     checkpoint=self.ws.rel(checkpoint), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if checkpoint is not None and not self.cfg.run.keep_rejected_checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            entry["checkpoint_deleted"] = True
+        self.console.print(f"[red]{key} failed[/]: {type(error).__name__}: {error} "
+                           f"(traceback in {stage_dir / 'error.txt'})")
 
     # ------------------------------------------------------------------ the end
     def _finish(self, manifest: dict) -> None:

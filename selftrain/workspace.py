@@ -15,30 +15,71 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from selftrain.errors import SelftrainError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+# Names our atomic writes use while in flight (.x.tmp-PID, .model.tmp, .final.old): a crash can
+# leave them behind; they are never the truth, so the next run under the lock removes them.
+TEMP_NAME = re.compile(r"\..+\.(tmp(-\d+)?|old)")
+# Metric dicts in the manifest: non-finite numbers are stored as strings and read back as floats.
+METRIC_KEYS = ("baseline_metrics", "accepted_metrics", "final_metrics", "metrics_before", "metrics_after")
+NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(obj: Any) -> Any:
+    """inf / nan as the strings "inf", "-inf", "nan": bare Infinity / NaN tokens are not JSON, and
+    tools other than Python's json module refuse them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def from_json_metrics(metrics: dict) -> dict:
+    """The inverse of json_safe for one flat dict of metrics."""
+    return {k: NON_FINITE[v] if isinstance(v, str) and v in NON_FINITE else v for k, v in metrics.items()}
+
+
+def dumps(obj: Any, **kw) -> str:
+    return json.dumps(json_safe(obj), allow_nan=False, default=_default, **kw)
+
+
+def _default(obj: Any) -> Any:
+    try:
+        return json_safe(float(obj))  # numpy / torch scalars
+    except (TypeError, ValueError):
+        return str(obj)  # paths and the like
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -108,46 +149,115 @@ class Workspace:
 
     def load_manifest(self) -> dict:
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SelftrainError(f"cannot read {self.manifest_path}: {e}") from None
+        check_manifest(manifest, self.manifest_path)
+        for e in (manifest, *manifest["stages"]):
+            for k in METRIC_KEYS:
+                if isinstance(e.get(k), dict):
+                    e[k] = from_json_metrics(e[k])
+        return manifest
 
     def save_manifest(self, manifest: dict) -> None:
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(self.manifest_path, manifest)
 
     def log_metrics(self, record: dict) -> None:
-        """Append one line; a line cut by a kill is skipped by the reader."""
+        """Append one whole line with a single write on an O_APPEND descriptor, so a kill can cut
+        only the last line. If the file ends in a cut line, start on a new line: the torn one stays
+        alone (the reader skips it) instead of swallowing this record."""
         self.root.mkdir(parents=True, exist_ok=True)
-        record = {"time": round(time.time(), 3), **record}
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = dumps({"time": round(time.time(), 3), **record}) + "\n"
+        fd = os.open(self.metrics_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def read_metrics(self) -> list[dict]:
+        """Every whole record; torn lines (a kill mid-write) are skipped."""
         if not self.metrics_path.exists():
             return []
         out = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        for line in self.metrics_path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):
+                out.append(from_json_metrics(record))
         return out
+
+    def drop_metrics(self, stages: set[str]) -> None:
+        """Remove the records of these stages (a retried or redone stage logs afresh, not twice)."""
+        records = self.read_metrics()
+        kept = [r for r in records if r.get("stage") not in stages]
+        if len(kept) != len(records):
+            atomic_write_text(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
+
+    def clean_temp(self) -> None:
+        """Remove what a crash left mid-write (call with the lock held: then nothing is in flight).
+        A directory interrupted between replace_dir's two renames is put back first."""
+        for path in sorted(self.root.rglob(".*"), key=lambda p: len(p.parts)):
+            if not TEMP_NAME.fullmatch(path.name) or not os.path.lexists(path):
+                continue
+            if path.name.endswith(".old"):
+                recover_dir(path.with_name(path.name[1:-len(".old")]))
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                path.unlink()
 
     # ------------------------------------------------------------------ locking
     def lock(self) -> None:
         """One process per run directory. flock is released by the kernel if we are killed."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.root / ".lock", "w")
+        f = open(self.root / ".lock", "a")
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SelftrainError(f"another selftrain process is running in {self.root}") from None
+            f.close()
+            raise SelftrainError(f"another selftrain process is running in {self.root} "
+                                 "(setting it up or training); wait for it, or stop it first") from None
+        self._lock_file = f
+
+    @contextmanager
+    def locked(self):
+        """Hold the lock for the block, released on every path. A directory this call made is
+        removed again if the block left nothing in it but the lock (bad input writes nothing)."""
+        created = not self.root.exists()
+        self.lock()
+        try:
+            yield self
+        finally:
+            self.unlock()
+            if created and [p.name for p in self.root.iterdir()] == [".lock"]:
+                (self.root / ".lock").unlink()
+                self.root.rmdir()
 
     def unlock(self) -> None:
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
+
+
+MANIFEST_FIELDS = {"run_name": str, "status": str, "model_kind": str, "current_checkpoint": str, "pool": str,
+                   "baseline_metrics": dict, "accepted_metrics": dict, "data": dict, "stages": list}
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """A manifest that lacks what readers index is refused with one message, not a KeyError."""
+    if not isinstance(manifest, dict):
+        raise SelftrainError(f"{path} is not a selftrain manifest (not a JSON object)")
+    bad = [k for k, t in MANIFEST_FIELDS.items() if not isinstance(manifest.get(k), t)]
+    bad += [f"stages[{i}]" for i, e in enumerate(manifest.get("stages") or [])
+            if not (isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("status"), str))]
+    if bad:
+        raise SelftrainError(f"{path} is not a complete selftrain manifest: missing or malformed "
+                             f"{', '.join(bad)}")

@@ -76,3 +76,26 @@ def test_diversity_on_hand_made_samples():
     assert repetition_rate(["one two three four five"]) == 0.0
     m = diversity_metrics(["the cat sat", "the cat ran"])
     assert m["distinct_1"] == pytest.approx(4 / 6) and m["distinct_2"] == pytest.approx(3 / 4)
+
+
+def test_evaluate_survives_a_diverged_model(micro_lm):
+    """NaN weights or overflowing logits: metrics say so, no sampling (it would raise), no crash."""
+    import copy
+
+    from selftrain.config import EvalConfig
+    from selftrain.evaluation import evaluate
+
+    model, tok, texts = micro_lm
+    cfg = EvalConfig(max_tokens=256, samples=2, max_new_tokens=4, block_size=32)
+    nan_model = copy.deepcopy(model)
+    with torch.no_grad():
+        next(nan_model.parameters()).fill_(math.nan)
+    metrics, samples = evaluate(nan_model, tok, texts, cfg)
+    assert metrics["diverged"] is True and metrics["heldout_ppl"] == math.inf and samples == []
+    assert metrics["diverged_reason"] == "non-finite weights"
+    huge = copy.deepcopy(model)  # finite weights, but logits overflow float32
+    with torch.no_grad():
+        huge.lm_head.weight.fill_(3e38)
+    metrics, samples = evaluate(huge, tok, texts, cfg)
+    assert metrics["diverged_reason"] == "non-finite perplexity" and metrics["heldout_ppl"] == math.inf
+    assert samples == []

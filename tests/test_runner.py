@@ -1,4 +1,5 @@
-"""Runner: the guard rolls back a harmful stage, a SIGKILLed run resumes, bad input damages nothing."""
+"""Runner: the guard rolls back a diverged stage, a stage whose evaluation crashes fails alone, a
+SIGKILLed run resumes, bad input damages nothing."""
 
 import hashlib
 import json
@@ -11,9 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from selftrain.cli import app
 from selftrain.config import GuardConfig, config_from_dict
+from selftrain.modeling.factory import save_checkpoint
 from selftrain.runner import Runner, guard_decision
+from selftrain.stages import REGISTRY, Stage, StageConfig, StageResult
 from tests.conftest import micro_config, pretrain, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,24 +39,79 @@ def test_guard_decisions():
     up = GuardConfig(metric="distinct_2", min_distinct_2=None)  # higher is better for diversity
     assert guard_decision(up, {"distinct_2": 0.5}, {"distinct_2": 0.6})[0]
     assert not guard_decision(up, {"distinct_2": 0.5}, {"distinct_2": 0.4})[0]
+    ok, why = guard_decision(g, {"heldout_ppl": 10.0}, {"heldout_ppl": math.inf, "diverged": True,
+                                                         "diverged_reason": "non-finite weights"})
+    assert not ok and why == "diverged: non-finite weights"
 
 
-def test_harmful_stage_is_rolled_back_and_next_starts_from_last_accepted(tmp_path, corpus_file):
-    stages = [pretrain(max_steps=30), pretrain(max_steps=10, learning_rate=30.0, warmup_ratio=0.0),
-              pretrain(max_steps=10, learning_rate=1e-3)]
-    cfg = config_from_dict(micro_config(tmp_path / "run", corpus_file, stages))
-    manifest = Runner(cfg).run()
+class NanWeights(Stage):
+    """Test-only stage: the accepted model with NaN written into its weights (a diverged update)."""
+
+    name = "nan_weights"
+
+    class Config(StageConfig):
+        pass
+
+    def run(self, state, config):
+        model, tok = state.load_model()
+        with torch.no_grad():
+            next(model.parameters()).fill_(math.nan)
+        return StageResult(checkpoint=save_checkpoint(model.cpu(), tok, state.stage_dir / "model"))
+
+
+def _no_bare_nan(text: str) -> dict:
+    def refuse(token):
+        raise AssertionError(f"bare {token} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_diverged_stage_is_rolled_back_and_next_starts_from_last_accepted(tmp_path, corpus_file, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "nan_weights", NanWeights)
+    stages = [pretrain(max_steps=10), {"nan_weights": {}}, pretrain(max_steps=5)]
+    manifest = Runner(config_from_dict(micro_config(tmp_path / "run", corpus_file, stages))).run()
     good, bad, after = manifest["stages"]
     assert good["decision"] == "accepted"
-    assert bad["decision"] == "rolled_back", bad
-    assert bad["metrics_after"]["heldout_ppl"] > bad["metrics_before"]["heldout_ppl"]
+    assert bad["status"] == bad["decision"] == "rolled_back", bad
+    assert bad["reason"] == "diverged: non-finite weights"
+    assert bad["metrics_after"]["diverged"] is True and bad["metrics_after"]["heldout_ppl"] == math.inf
     assert bad["checkpoint_deleted"] and not (tmp_path / "run" / bad["checkpoint"]).exists()
     assert after["start_checkpoint"] == good["checkpoint"]  # not the rejected one
     assert after["metrics_before"] == good["metrics_after"]
-    assert manifest["current_checkpoint"] == after["checkpoint"]
-    table = subprocess.run([sys.executable, "-m", "selftrain", "inspect", str(tmp_path / "run")],
-                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
-    assert table.returncode == 0 and "rolled_back" in table.stdout and "regresses" in table.stdout
+    assert manifest["current_checkpoint"] == after["checkpoint"] and manifest["status"] == "finished"
+    # valid JSON for any tool: inf is stored as the string "inf", never as a bare Infinity token
+    on_disk = _no_bare_nan((tmp_path / "run" / "manifest.json").read_text())
+    assert on_disk["stages"][1]["metrics_after"]["heldout_ppl"] == "inf"
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        _no_bare_nan(line)
+    table = CliRunner().invoke(app, ["inspect", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "rolled_back" in table.output and "diverged: non-finite" in table.output
+    assert "inf" in table.output
+    report = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert report.exit_code == 0 and "diverged" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_stage_whose_evaluation_raises_fails_alone_and_the_run_goes_on(tmp_path, corpus_file, monkeypatch):
+    import selftrain.runner as runner_module
+
+    real, calls = runner_module.evaluate, []
+
+    def evaluate(*args, **kw):  # the baseline, then the first stage's evaluation breaks
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner_module, "evaluate", evaluate)
+    cfg = micro_config(tmp_path / "run", corpus_file, [pretrain(max_steps=5), pretrain(max_steps=5)])
+    manifest = Runner(config_from_dict(cfg)).run()
+    broken, after = manifest["stages"]
+    assert broken["status"] == "failed" and broken["decision"] == "rolled_back"
+    assert "probability tensor" in broken["reason"]
+    assert "RuntimeError" in (tmp_path / "run" / "stages" / broken["key"] / "error.txt").read_text()
+    assert broken["checkpoint_deleted"] and not (tmp_path / "run" / broken["checkpoint"]).exists()
+    assert after["status"] == "accepted" and after["start_checkpoint"] == "checkpoints/initial"
+    assert manifest["status"] == "finished" and (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
 def _cli(*args, cwd=REPO, **kw):
@@ -136,7 +197,8 @@ def _bad_inputs(base: Path, corpus: Path, cfg: dict):
                                        stages=[pretrain(block_size=64)]),
          "shorter than one block"),
         ("wrong_model_path", variant(model={"pretrained": str(base / "no-such-model")}), "model path not found"),
-        ("changed_config_on_existing_run", yaml.safe_dump({**cfg, "rounds": 2}), "different config"),
+        ("changed_config_on_existing_run", yaml.safe_dump({**cfg, "model": {**cfg["model"], "vocab_size": 330}}),
+         "different config: model changed"),
     ]
 
 

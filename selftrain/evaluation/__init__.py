@@ -3,6 +3,10 @@ the zero/few-shot tasks listed in ``eval.tasks`` (see ``selftrain.evaluation.har
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from selftrain.config import EvalConfig
 from selftrain.errors import SelftrainError
 from selftrain.evaluation.diversity import diversity_metrics
@@ -15,11 +19,19 @@ LOWER_IS_BETTER = {"heldout_ppl", "heldout_loss", "repetition_rate"}
 
 def evaluate(model, tokenizer, heldout_texts: list[str], cfg: EvalConfig, *, kind: str = "causal",
              seed: int = 0, backend=None) -> tuple[dict, list[str]]:
-    """Return (metrics, samples). Samples continue held-out prefixes, so they are comparable."""
+    """Return (metrics, samples). Samples continue held-out prefixes, so they are comparable.
+
+    A diverged model (non-finite weights or perplexity) gets ``heldout_ppl: inf`` and
+    ``diverged: True`` with the reason, and nothing else: sampling from NaN logits would raise,
+    and scores of such a model mean nothing."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return diverged("non-finite weights"), []
     context = getattr(model.config, "max_position_embeddings", 512)
     block = cfg.block_size or min(context, 256)
     metrics = heldout_perplexity(model, tokenizer, heldout_texts, kind=kind, block_size=min(block, context),
                                  max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, seed=seed)
+    if not math.isfinite(metrics["heldout_loss"]):
+        return {**metrics, **diverged("non-finite perplexity")}, []
     samples: list[str] = []
     if kind == "causal" and cfg.samples > 0:
         backend = backend or TransformersBackend(model, tokenizer, batch_size=cfg.batch_size)
@@ -31,6 +43,10 @@ def evaluate(model, tokenizer, heldout_texts: list[str], cfg: EvalConfig, *, kin
     if cfg.tasks:
         metrics.update(task_metrics(model, tokenizer, heldout_texts, cfg, kind=kind, seed=seed))
     return metrics, samples
+
+
+def diverged(reason: str) -> dict:
+    return {"heldout_ppl": math.inf, "heldout_loss": math.inf, "diverged": True, "diverged_reason": reason}
 
 
 def task_metrics(model, tokenizer, heldout_texts: list[str], cfg: EvalConfig, *, kind: str, seed: int) -> dict:

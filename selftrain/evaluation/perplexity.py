@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from selftrain.errors import SelftrainError
+
 
 def _stream(texts: list[str], tokenizer, max_tokens: int) -> list[int]:
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
@@ -27,7 +29,7 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, kind: str = "causa
                        max_tokens: int = 32768, batch_size: int = 8, seed: int = 0) -> dict:
     stream = _stream(texts, tokenizer, max_tokens)
     if len(stream) < 2:
-        raise ValueError("held-out text has fewer than 2 tokens; nothing to score")
+        raise SelftrainError(f"the text to score has {len(stream)} token(s); perplexity needs at least 2: give more text")
     blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
     blocks = [b for b in blocks if len(b) >= 2]
     was_training = model.training
@@ -62,7 +64,7 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, kind: str = "causa
     finally:
         model.train(was_training)
     if total_tokens == 0:
-        raise ValueError("no held-out token was scored")
+        raise SelftrainError("no token of the text was scored (too short for masked-token scoring?): give more text")
     loss = total_nll / total_tokens
     return {"heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 700.0)),
             "heldout_entropy": total_entropy / total_tokens, "heldout_tokens": total_tokens}

@@ -139,9 +139,9 @@ def load_pretrained(name: str, *, gguf_file: str | None = None, revision: str | 
             kind = "masked" if any(a.endswith("ForMaskedLM") for a in archs) else "causal"
         auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
         model = auto.from_pretrained(str(path) if path.exists() else name, dtype=torch.float32, **kw)
-    except (OSError, ValueError, ImportError) as e:
+    except Exception as e:  # corrupt weights, a config transformers cannot build, ...: all say "this model"
         where = "directory" if path.exists() else "hub id (offline, or no such model?)"
-        raise SelftrainError(f"cannot load model from {where} {name!r}: {e}") from None
+        raise SelftrainError(f"cannot load model from {where} {name!r}: {type(e).__name__}: {e}") from None
     if gguf_file:
         _drop_quantizer(model)
     if tokenizer.pad_token is None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from selftrain.workspace import Workspace, atomic_write_text
+from selftrain.workspace import Workspace, atomic_write_bytes, atomic_write_text
 
 
 def stage_rows(manifest: dict) -> list[dict]:
@@ -118,7 +119,7 @@ def _plots(ws: Workspace, manifest: dict) -> list[tuple[str, str]]:
     labels = ["start"] + [e["key"] for e in manifest["stages"] if e.get("metrics_after")]
     ppl = [manifest["baseline_metrics"].get("heldout_ppl")] + [
         e["metrics_after"].get("heldout_ppl") for e in manifest["stages"] if e.get("metrics_after")]
-    ppl = [min(p, 1e12) if p is not None else float("nan") for p in ppl]  # a diverged stage stays plottable
+    ppl = [min(p, 1e12) if isinstance(p, (int, float)) else float("nan") for p in ppl]  # inf stays plottable
     colours = ["grey"] + ["tab:green" if e.get("decision") == "accepted" else "tab:red"
                           for e in manifest["stages"] if e.get("metrics_after")]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 3.2))
@@ -128,8 +129,7 @@ def _plots(ws: Workspace, manifest: dict) -> list[tuple[str, str]]:
     ax.set_ylabel("held-out perplexity (log)")
     ax.set_title("after each stage (green accepted, red rolled back)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(ws.root / "heldout_ppl.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ws.root / "heldout_ppl.png")
     out.append(("Held-out perplexity", "heldout_ppl.png"))
 
     train = [m for m in ws.read_metrics() if m.get("phase") == "train" and "loss" in m]
@@ -142,7 +142,16 @@ def _plots(ws: Workspace, manifest: dict) -> list[tuple[str, str]]:
         ax.set_ylabel("training loss")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(ws.root / "train_loss.png", dpi=110)
-        plt.close(fig)
+        _save(fig, ws.root / "train_loss.png")
         out.append(("Training loss", "train_loss.png"))
     return out
+
+
+def _save(fig, path: Path) -> None:
+    """Render in memory, then write atomically: a kill never leaves half a PNG."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -61,5 +61,10 @@ class Stage:
     def preflight(self, config: StageConfig, *, model, tokenizer, kind: str, train_texts: list[str]) -> None:
         """Raise SelftrainError for input this stage cannot use; called before anything is written."""
 
+    def runs_model_code(self, config: StageConfig) -> bool:
+        """Whether this stage executes code a model wrote (the runner then requires
+        ``sandbox.min_isolation`` before the run starts)."""
+        return False
+
     def run(self, state: RunState, config: StageConfig) -> StageResult:
         raise NotImplementedError

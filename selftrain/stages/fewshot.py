@@ -76,7 +76,10 @@ def label_task(task_ref: str, labels: list[str] | None) -> TaskSpec:
 def split_task_rows(task: TaskSpec, fraction: float, seed: int) -> tuple[list[str], list[dict]]:
     """(unlabelled texts, measured rows): a seeded hash split; the first side keeps only text."""
     unlabelled, measured = [], []
-    for row in task.docs():
+    for n, row in enumerate(task.docs(), 1):
+        if task.input_field not in row:
+            raise SelftrainError(f"fewshot: task {task.name}, row {n} has no field {task.input_field!r} "
+                                 f"(its input_field); it has {sorted(row)}")
         text = str(row[task.input_field])
         if _unit(text, seed) < fraction:
             measured.append(row)
@@ -197,6 +200,12 @@ class FewshotStage(Stage):
         texts, _ = self._inputs(config, task, train_texts, 0)
         if not texts:
             raise SelftrainError(f"fewshot: the unlabelled set ({config.inputs}) is empty")
+        chat = use_chat(config.chat, tokenizer)
+        try:
+            prompt_for(task, texts[0], tokenizer, chat)
+        except SelftrainError as e:
+            raise SelftrainError(f"fewshot fills only the task's input_field ({task.input_field!r}), so its prompt "
+                                 f"must render from that field alone: {e}") from None
 
     def run(self, state: RunState, config: FewshotConfig) -> StageResult:
         task = label_task(config.task, config.labels)

@@ -8,20 +8,24 @@ Trainer checkpoints land in the stage directory; a killed run resumes from the l
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from transformers import (
     DataCollatorForLanguageModeling,
+    SchedulerType,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 
+from selftrain.config import unknown_name
 from selftrain.data.packing import count_tokens, pack_texts
 from selftrain.errors import SelftrainError
 from selftrain.modeling.factory import save_checkpoint
@@ -48,6 +52,37 @@ class PretrainConfig(StageConfig):
     logging_steps: int = Field(10, ge=1, description="Loss logging interval.")
     trainer_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra TrainingArguments (fsdp, deepspeed, optim, ...).")
+
+    # Checked when the config loads, so a typo costs nothing: found mid-run, it would end the run.
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        if v not in SCHEDULERS:
+            raise ValueError(unknown_name(v, SCHEDULERS, what="scheduler"))
+        return v
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _known_trainer_args(cls, v: dict) -> dict:
+        for key in v:
+            if key in OWN_OPTIONS:
+                raise ValueError(f"{key!r} is set by the stage itself: use {OWN_OPTIONS[key]} instead")
+            if key not in TRAINING_ARGS:
+                raise ValueError(unknown_name(key, TRAINING_ARGS, what="TrainingArguments field",
+                                              listing="see transformers.TrainingArguments"))
+        return v
+
+
+SCHEDULERS = [s.value for s in SchedulerType]
+TRAINING_ARGS = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+# TrainingArguments the stage sets from its own options: given twice they would clash mid-run.
+OWN_OPTIONS = {"output_dir": "the stage directory (automatic)", "max_steps": "pretrain.max_steps",
+               "per_device_train_batch_size": "pretrain.batch_size", "gradient_accumulation_steps": "pretrain.grad_accum",
+               "learning_rate": "pretrain.learning_rate", "weight_decay": "pretrain.weight_decay",
+               "warmup_steps": "pretrain.warmup_ratio", "lr_scheduler_type": "pretrain.lr_scheduler",
+               "max_grad_norm": "pretrain.max_grad_norm", "logging_steps": "pretrain.logging_steps",
+               "save_steps": "pretrain.save_steps", "seed": "run.seed", "bf16": "pretrain.precision",
+               "fp16": "pretrain.precision", "use_cpu": "run.device"}
 
 
 def cpu_has_bf16() -> bool:
@@ -92,10 +127,41 @@ class MetricsCallback(TrainerCallback):
         self.log, self.stage_key, self.losses = log, stage_key, []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        self.record(state.global_step, logs)
+
+    def record(self, step: int, logs: dict | None) -> None:
         if logs and "loss" in logs:
-            self.losses.append((state.global_step, float(logs["loss"])))
-            self.log({"stage": self.stage_key, "phase": "train", "step": state.global_step,
-                      **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
+            self.losses.append((step, float(logs["loss"])))
+            self.log({"stage": self.stage_key, "phase": "train", **{k: v for k, v in logs.items()
+                                                                   if isinstance(v, (int, float))}, "step": step})
+
+
+def training_arguments(config: PretrainConfig, output_dir: Path, *, seed: int, precision: str,
+                       device: str) -> TrainingArguments:
+    """The stage's TrainingArguments; ``trainer_args`` may override the defaults that have no
+    option of their own (save_total_limit, report_to, ...). A bad value is bad input."""
+    defaults = dict(save_total_limit=2, report_to="none", remove_unused_columns=False, dataloader_num_workers=0)
+    try:
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_steps=int(config.warmup_ratio * config.max_steps),
+            lr_scheduler_type=config.lr_scheduler,
+            max_grad_norm=config.max_grad_norm,
+            logging_steps=config.logging_steps,
+            save_steps=config.save_steps,
+            seed=seed,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            use_cpu=device == "cpu",
+            **{**defaults, **config.trainer_args},
+        )
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        raise SelftrainError(f"pretrain.trainer_args {config.trainer_args}: {e}") from None
 
 
 class PretrainStage(Stage):
@@ -113,6 +179,8 @@ class PretrainStage(Stage):
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
         self.objective(config, kind)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the values in trainer_args, before the run
+        training_arguments(config, Path("unused"), seed=0, precision="fp32", device=device)
         context = getattr(model.config, "max_position_embeddings", None)
         if context and config.block_size > context:
             raise SelftrainError(f"pretrain.block_size={config.block_size} exceeds the model's context ({context})")
@@ -131,32 +199,14 @@ class PretrainStage(Stage):
                     if objective == "mlm" else CausalCollator())
         precision = resolve_precision(config.precision, state.device)
         trainer_dir = state.stage_dir / "trainer"
-        args = TrainingArguments(
-            output_dir=str(trainer_dir),
-            max_steps=config.max_steps,
-            per_device_train_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.grad_accum,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            warmup_steps=int(config.warmup_ratio * config.max_steps),
-            lr_scheduler_type=config.lr_scheduler,
-            max_grad_norm=config.max_grad_norm,
-            logging_steps=config.logging_steps,
-            save_steps=config.save_steps,
-            save_total_limit=2,
-            seed=state.seed,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            use_cpu=state.device == "cpu",
-            report_to="none",
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            **config.trainer_args,
-        )
+        args = training_arguments(config, trainer_dir, seed=state.seed, precision=precision, device=state.device)
         callback = MetricsCallback(state.log, state.stage_key)
         trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator,
                           callbacks=[callback])
         resume = last_complete_checkpoint(trainer_dir)
+        if resume:  # the runner dropped the killed attempt's records: the checkpoint's log replays them
+            for logs in json.loads((resume / "trainer_state.json").read_text())["log_history"]:
+                callback.record(logs.get("step", 0), logs)
         start = time.perf_counter()
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - start

@@ -165,8 +165,12 @@ def _read_rows(spec: DataSpec, base: Path | None, name: str) -> list[dict]:
         path = base / path
     if not path.is_file():
         raise SelftrainError(f"task {name}: data file {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SelftrainError(f"task {name}: {path} is not UTF-8 text (byte {e.start}); convert it") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 row = json.loads(line)
@@ -194,6 +198,8 @@ def load_task(ref: str | Path) -> TaskSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SelftrainError(f"task file {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise SelftrainError(f"task file {path} is not UTF-8 text (byte {e.start}); convert it") from None
     if not isinstance(raw, dict):
         raise SelftrainError(f"task file {path} must be a mapping of fields")
     try:
