@@ -550,3 +550,21 @@ def _reads(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+def test_a_run_that_executes_model_code_refuses_to_start_below_min_isolation(monkeypatch, tmp_path):
+    """The python task family runs model-written programs: without the isolation the config asks
+    for, the run stops before anything is written, and says how to allow less."""
+    import selftrain.sandbox as sb
+    from selftrain.config import config_from_dict
+    from selftrain.runner import Runner
+    from tests.conftest import make_corpus, micro_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus())
+    stages = [{"selfplay": {"env": "tasks", "family": "python", "max_steps": 1}}]
+    monkeypatch.setattr(sb, "isolation_available", lambda: "namespaces")
+    cfg = config_from_dict(micro_config(tmp_path / "run", corpus, stages))
+    with pytest.raises(SandboxUnavailable, match="min_isolation: namespaces"):
+        Runner(cfg).run()
+    assert not (tmp_path / "run").exists()

@@ -17,7 +17,11 @@ from selftrain.rewards.dialogue import Coherence, Relevance, non_repetition
 from selftrain.rewards.judge import SelfJudge
 from selftrain.stages.selfplay import SelfplayConfig
 from selftrain.stages.selfplay.grpo import EnvMetrics, GuardedReward, grpo_train
-from selftrain.stages.selfplay.proposer_solver import ProposerSolverEnv, learnability
+from selftrain.stages.selfplay.proposer_solver import (
+    ProposerSolverEnv,
+    eval_problem_keys,
+    learnability,
+)
 from selftrain.tasks.families import (
     Arithmetic,
     PythonPrograms,
@@ -227,6 +231,94 @@ def test_generation_that_never_stops_is_capped(micro):
     assert len(out["completion_ids"]) == 8 and set(out["role"]) == {"solve"}
 
 
+# ---------------------------------------------------------------------- no evaluation item is trained on
+def _eval_pairs(rows) -> set[tuple[int, int]]:
+    """The eval sums as unordered operand pairs, computed from the rows (not by the family)."""
+    return {tuple(sorted(int(x) for x in r["question"].split(" + "))) for r in rows}
+
+
+def _solver_pairs(out) -> list[tuple[int, int]]:
+    return [tuple(sorted(int(x) for x in p.question.split(" + ")))
+            for p, r in zip(out["problem"], out["role"]) if r == "solve"]
+
+
+def test_arithmetic_canonical_key_orders_commutative_operands():
+    fam = Arithmetic(digits=2, ops=("+", "-", "*"))
+    assert fam.canonical(fam.parse("45 + 23")) == fam.canonical(fam.parse("23 + 45")) == "23+45"
+    assert fam.canonical(fam.parse("45 * 23")) == fam.canonical(fam.parse("23 x 45"))
+    assert fam.canonical(fam.parse("45 - 23")) != fam.canonical(fam.parse("23 - 45"))
+    fam.exclude = frozenset(fam.exclusion_keys(["What is 23 + 45?", "no problem here"]))
+    assert fam.exclude == {"23+45"} and fam.excluded(fam.parse("45 + 23")) and not fam.excluded(None)
+    tiny = Arithmetic(digits=1)
+    tiny.exclude = frozenset(f"{a}+{b}" for a in range(10) for b in range(a, 10))
+    tiny.max_draws = 50
+    with pytest.raises(SelftrainError, match="covers the family"):
+        tiny.random_problem(random.Random(0))  # an exclusion covering the family is an error, not a hang
+
+
+def test_generator_never_draws_an_eval_item_or_its_commuted_form(micro):
+    from selftrain.modeling.generation import SamplingParams
+    from selftrain.tasks.generators import arithmetic
+
+    _, tok = micro
+    rows = arithmetic(n=200, digits=2, ops=("+",), seed=1234)  # the builtin arith / arith-chat rows
+    evals = _eval_pairs(rows)
+    fam = Arithmetic(digits=2, ops=("+",))
+    # without the exclusion, a generator seeded like the task replays its rows exactly
+    rng = random.Random(1234)
+    assert [fam.random_problem(rng).question for _ in range(100)] == [r["question"] for r in rows[:100]]
+    fam.exclude = frozenset(eval_problem_keys(fam, ["arith", "arith-chat"]))
+    assert len(fam.exclude) == len(evals) > 190
+    assert eval_problem_keys(StringTransforms(), ["arith"]) == set()  # rows of another kind add nothing
+
+    sampling = SamplingParams(max_new_tokens=8)
+    env = ProposerSolverEnv(fam, tok, chat=False, source="generator", seed=1234)  # the task's own seed, on purpose
+    plain = ProposerSolverEnv(Arithmetic(digits=2, ops=("+",)), tok, chat=False, source="generator", seed=1234)
+    emitted, control = [], []
+    for _ in range(100):
+        emitted += _solver_pairs(env.rollout(8, 2, ScriptedBackend(tok, []), sampling))
+        control += _solver_pairs(plain.rollout(8, 2, ScriptedBackend(tok, []), sampling))
+    assert len(emitted) == 100 * 8 * 2 and not [pr for pr in emitted if pr in evals]  # checked against the rows
+    assert env.counts["eval_overlap"] == 0 and env.counts["eval_redraws"] > 0
+    assert sum(pr in evals for pr in control) > 0  # the same check does catch overlap without the exclusion
+    # and the env's own stream (same integer seed as the task) is not the task's stream
+    assert control[:20] != [tuple(sorted(int(x) for x in r["question"].split(" + "))) for r in rows[:20]]
+    assert env.pop_metrics()["env/eval_overlap_total"] == 0
+
+
+def test_proposals_of_eval_items_are_excluded_and_counted(micro):
+    from selftrain.modeling.generation import SamplingParams
+    from selftrain.tasks.generators import arithmetic
+
+    _, tok = micro
+    rows = arithmetic(n=200, digits=2, ops=("+",), seed=1234)
+    evals = _eval_pairs(rows)
+    a, b = next((int(x), int(y)) for x, y in (r["question"].split(" + ") for r in rows) if x != y)
+    fresh = [(c, d) for c in range(10, 100) for d in range(c + 1, 100) if (c, d) not in evals][:2]
+    fam = Arithmetic(digits=2, ops=("+",))
+    fam.exclude = frozenset(eval_problem_keys(fam, ["arith"]))
+    env = ProposerSolverEnv(fam, tok, chat=False, seed=0)
+    script = [f"What is {a} + {b}?", f"What is {b} + {a}?"] + [f"What is {c} + {d}?" for c, d in fresh]
+    backend = ScriptedBackend(tok, script)
+    sampling = SamplingParams(max_new_tokens=8)
+    out = env.rollout(3, 4, backend, sampling)  # one proposer group of 4, two solver groups
+    assert env.counts["excluded_eval"] == 2 and env.counts["unparsable"] == 0
+    proposed = [p for p, r in zip(out["problem"], out["role"]) if r == "propose"]
+    assert proposed[:2] == [None, None] and all(p is not None for p in proposed[2:])
+    valid = env.rewards()["proposal_valid"]([""] * len(out["role"]), [""] * len(out["role"]),
+                                           role=out["role"], problem=out["problem"])
+    assert [v for v, r in zip(valid, out["role"]) if r == "propose"] == [0.0, 0.0, 1.0, 1.0]  # scored as invalid
+    assert env.pop_metrics()["env/valid_proposals"] == 0.5
+    assert set(_solver_pairs(out)) <= set(fresh) and not set(_solver_pairs(out)) & evals
+    assert not any(k in fam.exclude for k in map(fam.canonical, env.buffer.values()))  # never in the replay buffer
+    backend.proposals = script[:2]  # only eval items now: dropped every time, slots replay earlier problems
+    for _ in range(3):
+        out = env.rollout(3, 4, backend, sampling)
+        assert out["role"].count("solve") == 8  # replayed from the buffer
+        assert not set(_solver_pairs(out)) & evals
+    assert env.counts["excluded_eval"] == 2 + 3 * 4 and env.counts["eval_overlap"] == 0
+
+
 def test_chatterbot_seed_openers_load():
     from selftrain.stages.selfplay.dialogue import chatterbot_seeds
 
@@ -292,8 +384,39 @@ def test_stage_tasks_env_writes_steps_and_plot(tmp_path):
     assert len(steps) == 2 and "rewards/solver_correct/mean" in steps[0] and "env/solve_rate" in steps[0]
     assert (stage_dir / "selfplay.png").stat().st_size > 1000
     assert entry["stage_metrics"]["env/steps_total"] == 2
+    assert entry["stage_metrics"]["env/eval_overlap_total"] == 0
     report = (stage_dir.parent.parent / "report.md").read_text()
     assert "self-play `tasks` (grpo)" in report and "selfplay.png" in report and "solve_rate" in report
+
+
+def test_stage_excludes_the_runs_eval_items_and_reports_zero_overlap(tmp_path):
+    """A run evaluating one-digit additions: the stage's generator, one digit too, must skip its rows."""
+    from selftrain.tasks.generators import arithmetic
+
+    args = {"n": 40, "digits": 1, "ops": ["+"], "seed": 1234}
+    task = {"name": "add1", "output_type": "generate", "data": {"generator": "arithmetic", "args": args},
+            "doc_to_text": "Question: What is {{question}}?\nAnswer:", "doc_to_target": "answer",
+            "input_field": "question", "match": "numeric", "generation": {"max_new_tokens": 4, "until": ["\n"]}}
+    (tmp_path / "add1.yaml").write_text(json.dumps(task))  # JSON is YAML
+    entry, stage_dir = _run_with_eval(tmp_path, {**COMMON, "max_steps": 3, "env": "tasks",
+                                                 "problem_source": "generator", "family_options": {"digits": 1}},
+                                      eval_tasks=[{"task": str(tmp_path / "add1.yaml"), "limit": 8}])
+    assert entry["status"] in ("accepted", "rolled_back"), entry
+    m = entry["stage_metrics"]
+    assert m["env/eval_excluded_keys"] == len(_eval_pairs(arithmetic(**args)))
+    assert m["env/eval_overlap_total"] == 0 and m["env/eval_redraws_total"] > 0
+
+
+def _run_with_eval(tmp_path, stage_opts, eval_tasks):
+    from selftrain.config import config_from_dict
+    from selftrain.runner import Runner
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus())
+    cfg = micro_config(tmp_path / "run", corpus, [{"selfplay": stage_opts}], guard={"tolerance": 10.0},
+                       eval={"tasks": eval_tasks})
+    manifest = Runner(config_from_dict(cfg)).run()
+    return manifest["stages"][0], tmp_path / "run" / "stages" / manifest["stages"][0]["key"]
 
 
 def test_stage_dialogue_env_with_model_openers(tmp_path):

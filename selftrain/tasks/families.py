@@ -9,6 +9,11 @@ A family is a small class: ``proposer_instruction`` (what to write), ``parse`` (
 ``Problem`` or None when unparsable / outside the family), ``example`` (a problem as the proposer
 is shown it), ``solver_question`` and ``check``.
 ``random_problem`` draws from the family's own generator, for the comparison arm of benches.
+
+Every family carries an ``exclude`` set of canonical problem keys (``canonical``: for ``+`` and
+``*`` the operands are ordered, so 23 + 45 and 45 + 23 are one problem): the evaluation items of a
+run. ``random_problem`` draws until it gets a problem outside it, and the self-play environment
+drops proposals inside it, so no evaluation item is ever a training problem.
 """
 
 from __future__ import annotations
@@ -38,7 +43,44 @@ def final_number(text: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-class Arithmetic:
+class Family:
+    """What every family shares: the evaluation exclusion and the generator that respects it."""
+
+    exclude: frozenset[str] = frozenset()  # canonical keys of problems that must never be trained on
+    max_draws = 10_000  # random_problem gives up (an error, not a hang) after this many excluded draws
+    redraws = 0  # generator draws that fell in ``exclude`` and were drawn again
+
+    def canonical(self, p: Problem) -> str:
+        """The key under which two problems are the same item (the family's own key by default)."""
+        return p.key
+
+    def excluded(self, p: Problem | None) -> bool:
+        return p is not None and bool(self.exclude) and self.canonical(p) in self.exclude
+
+    def exclusion_keys(self, texts) -> set[str]:
+        """Canonical keys of the texts that parse as problems of this family (the others add nothing)."""
+        keys = set()
+        for text in texts:
+            p = self.parse(str(text))
+            if p is not None:
+                keys.add(self.canonical(p))
+        return keys
+
+    def random_problem(self, rng: random.Random) -> Problem:
+        """A problem from the family's generator, never one in ``exclude`` (redrawn; counted in ``redraws``)."""
+        for _ in range(self.max_draws):
+            p = self._draw(rng)
+            if not self.excluded(p):
+                return p
+            self.redraws += 1
+        raise SelftrainError(f"the {self.name} generator drew {self.max_draws} excluded (evaluation) problems "
+                             f"in a row; the exclusion set ({len(self.exclude)} keys) covers the family")
+
+    def _draw(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+
+class Arithmetic(Family):
     """``A op B`` with operands of a fixed number of digits, e.g. two-digit addition."""
 
     name = "arithmetic"
@@ -77,7 +119,17 @@ class Arithmetic:
         got = final_number(completion.strip().split("\n")[0])
         return got is not None and math.isclose(got, float(p.answer))
 
-    def random_problem(self, rng: random.Random) -> Problem:
+    def canonical(self, p: Problem) -> str:
+        """``a op b`` with the operands ordered for the commutative ops: 45+23 and 23+45 are one item."""
+        m = re.fullmatch(r"(-?\d+) ([-+*]) (-?\d+)", p.question)
+        if not m:
+            return p.key
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        if op in "+*":
+            a, b = min(a, b), max(a, b)
+        return f"{a}{op}{b}"
+
+    def _draw(self, rng: random.Random) -> Problem:
         a, b, op = rng.randint(self.lo, self.hi), rng.randint(self.lo, self.hi), rng.choice(self.ops)
         return self.parse(f"{a} {op} {b}")
 
@@ -92,7 +144,7 @@ _TRANSFORMS = {
 }
 
 
-class StringTransforms:
+class StringTransforms(Family):
     """Named string functions of a short word: reverse "plane", uppercase "tree", ..."""
 
     name = "strings"
@@ -123,7 +175,7 @@ class StringTransforms:
         line = completion.strip().split("\n")[0].strip().strip(".").strip("\"'“”` ")
         return line == p.answer
 
-    def random_problem(self, rng: random.Random) -> Problem:
+    def _draw(self, rng: random.Random) -> Problem:
         words = ["plane", "river", "stone", "garden", "pencil", "window", "apple", "tiger", "cloud", "music"]
         return self.parse(f'{rng.choice(list(_TRANSFORMS))} "{rng.choice(words)}"')
 
@@ -131,13 +183,13 @@ class StringTransforms:
 _CODE = re.compile(r"```(?:python)?\s*\n(.*?)```", re.DOTALL)
 
 
-class PythonPrograms:
+class PythonPrograms(Family):
     """A short program that prints one line; the sandbox runs it to compute the answer."""
 
     name = "python"
 
-    def __init__(self, max_lines: int = 8, limits: SandboxLimits | None = None):
-        self.max_lines = max_lines
+    def __init__(self, max_lines: int = 8, limits: SandboxLimits | None = None, min_isolation: str = "full"):
+        self.max_lines, self.min_isolation = max_lines, min_isolation
         self.limits = limits or SandboxLimits(cpu_seconds=1, wall_seconds=3, memory_mb=256, output_chars=200)
         self.proposer_instruction = (
             f"Write one new short Python program (at most {max_lines} lines) that defines a function and "
@@ -148,7 +200,7 @@ class PythonPrograms:
         code = (m.group(1) if m else "").strip()
         if not code or "print(" not in code or code.count("\n") >= self.max_lines:
             return None
-        result = run_python(code, limits=self.limits)
+        result = run_python(code, limits=self.limits, min_isolation=self.min_isolation)
         out = result.stdout.strip()
         if not result.ok or not out or "\n" in out:
             return None  # crashed, timed out, printed nothing or several lines: not a usable problem
@@ -163,7 +215,7 @@ class PythonPrograms:
     def check(self, completion: str, p: Problem) -> bool:
         return completion.strip().split("\n")[0].strip().strip("`") == p.answer
 
-    def random_problem(self, rng: random.Random) -> Problem:
+    def _draw(self, rng: random.Random) -> Problem:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         body = rng.choice(["return x * {a} + {b}", "return x ** 2 - {b}", "return sum(range(x)) + {a}"])
         code = f"def f(x):\n    {body.format(a=a, b=b)}\nprint(f({rng.randint(1, 9)}))"

@@ -16,6 +16,7 @@ comparison with real data; never from labels. Per-step metrics go to ``steps.jso
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -27,6 +28,10 @@ from selftrain.stages.base import RunState, Stage, StageConfig, StageResult
 
 GRPO_ENVS = ("tasks", "dialogue")
 DPO_ENVS = ("self_reward", "spin")
+# The reward names each GRPO env's rewards() returns (checked against them by a test), so a
+# reward_weights typo is refused when the config loads instead of mid-run.
+REWARD_NAMES = {"tasks": ("solver_correct", "proposer_learnability", "proposal_valid"),
+                "dialogue": ("coherence", "relevance", "non_repetition")}
 
 
 class SelfplayConfig(StageConfig):
@@ -84,6 +89,20 @@ class SelfplayConfig(StageConfig):
             raise ValueError(f"env {self.env} is played with {'grpo' if grpo else 'dpo'}, not {self.algorithm}")
         return self
 
+    @model_validator(mode="after")
+    def _known_names(self):
+        from selftrain.config import unknown_name
+
+        for name in self.reward_weights:
+            if name not in REWARD_NAMES.get(self.env, ()):
+                raise ValueError(f"reward_weights of env {self.env}: " + (
+                    unknown_name(name, REWARD_NAMES[self.env], what="reward") if self.env in REWARD_NAMES
+                    else "this env has no reward functions to weigh (it makes preference pairs)"))
+        if self.embedding_model is not None and not Path(self.embedding_model).is_dir():
+            raise ValueError(f"embedding_model {self.embedding_model!r} is not a directory (a local encoder "
+                             "saved with save_pretrained)")
+        return self
+
     @property
     def completion_tokens(self) -> int:
         return self.max_completion_length or {"tasks": 16, "dialogue": 32}.get(self.env, 64)
@@ -96,6 +115,9 @@ class SelfplayConfig(StageConfig):
 class SelfplayStage(Stage):
     name = "selfplay"
     Config = SelfplayConfig
+
+    def runs_model_code(self, config) -> bool:
+        return config.env == "tasks" and config.family == "python"
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
         if kind != "causal":
@@ -122,9 +144,12 @@ class SelfplayStage(Stage):
             env, rewards = self._grpo_env(config, model, tokenizer, state)
             console.print(f"selfplay/{config.env}: GRPO, {config.max_steps} steps × {config.groups_per_step} groups "
                           f"× {config.num_generations}; rewards {', '.join(f'{k}×{w}' for k, (_, w) in rewards.items())}")
-            model, records, guarded = grpo_train(model, tokenizer, env, rewards, opts=config,
-                                                 out_dir=state.stage_dir / "trainer", seed=state.seed,
-                                                 log=state.log, stage_key=state.stage_key)
+            try:
+                model, records, guarded = grpo_train(model, tokenizer, env, rewards, opts=config,
+                                                     out_dir=state.stage_dir / "trainer", seed=state.seed,
+                                                     log=state.log, stage_key=state.stage_key)
+            except SelftrainError as e:  # a reward that keeps failing is a failed stage (rolled back), not bad input
+                raise RuntimeError(str(e)) from e
             metrics = env_summary(env, records, rewards, guarded)
         else:
             from selftrain.stages.selfplay.grpo import summarize
@@ -149,10 +174,20 @@ class SelfplayStage(Stage):
 
         chat = use_chat(config.chat, tokenizer)
         if config.env == "tasks":
-            from selftrain.stages.selfplay.proposer_solver import ProposerSolverEnv
+            from selftrain.stages.selfplay.proposer_solver import (
+                ProposerSolverEnv,
+                eval_problem_keys,
+            )
             from selftrain.tasks.families import make_family
 
-            env = ProposerSolverEnv(make_family(config.family, **config.family_options), tokenizer, chat=chat,
+            options = dict(config.family_options)
+            if config.family == "python":  # its programs run in the sandbox, at the run's least isolation
+                options["min_isolation"] = state.config.sandbox.min_isolation
+            family = make_family(config.family, **options)
+            # the run's evaluation items (commuted sums included) are never training problems
+            family.exclude = frozenset(eval_problem_keys(family, [t.task for t in state.config.eval.tasks],
+                                                         state.heldout))
+            env = ProposerSolverEnv(family, tokenizer, chat=chat,
                                     source=config.problem_source, train_proposer=config.train_proposer,
                                     propose_fraction=config.propose_fraction, learnability_kind=config.learnability,
                                     proposal_temperature=config.proposal_temperature, seed=state.seed)
@@ -174,6 +209,8 @@ def env_summary(env, records, rewards, guarded) -> dict:
                                                             "env/valid_proposals", "completions/clipped_ratio"]
     out = summarize(records, keys)
     out.update({f"env/{k}_total": v for k, v in env.counts.items()})
+    if getattr(env, "family", None) is not None:
+        out["env/eval_excluded_keys"] = len(env.family.exclude)
     out.update({f"skipped/{g.__name__}": g.skipped for g in guarded if g.skipped})
     out["steps"] = len(records)
     return out

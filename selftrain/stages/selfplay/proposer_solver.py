@@ -10,6 +10,12 @@ earlier proposals, and only if that is empty too become extra proposer groups.
 
 With ``problem_source: generator`` the family's random generator replaces the proposer (the
 comparison arm of ``bench/selfplay_arith.py``).
+
+No evaluation item is ever a training problem: the family's ``exclude`` set (built by the stage from
+the run's ``eval.tasks`` with ``eval_problem_keys``) makes the generator draw again, and a proposal
+inside it is dropped (counted ``excluded_eval``, rewarded as an invalid proposal, never solved).
+Every solver problem emitted for training is checked against the set once more and counted in
+``eval_overlap`` (0 by construction; the count is the evidence).
 """
 
 from __future__ import annotations
@@ -19,6 +25,21 @@ from collections import Counter
 
 from selftrain.stages.selfplay.grpo import EnvMetrics
 from selftrain.tasks.families import Problem
+
+
+def eval_problem_keys(family, task_refs, texts: list[str] | None = None) -> set[str]:
+    """Canonical keys of the rows of the evaluation tasks ``task_refs`` that parse as problems of
+    ``family`` (a row's input field, else its rendered prompt); rows of other kinds add nothing."""
+    from selftrain.tasks import load_task
+
+    keys: set[str] = set()
+    for ref in task_refs:
+        task = load_task(ref)
+        for row in task.docs(texts):
+            value = row.get(task.input_field) if task.input_field else None
+            found = family.exclusion_keys([value]) if value is not None else set()
+            keys |= found or family.exclusion_keys([task.text(row)])
+    return keys
 
 
 def learnability(solve_rate: float | None, kind: str = "azr") -> float:
@@ -41,8 +62,12 @@ class ProposerSolverEnv(EnvMetrics):
         self.rates: dict[str, float] = {}  # key -> the solve rate last measured
         self.buffer_size, self.learnability_kind = buffer_size, learnability_kind
         self.proposal_tokens, self.proposal_temperature = proposal_tokens, proposal_temperature
-        self.rng = random.Random(seed)
+        # a stream of its own: an integer seed would replay a task generator seeded alike (arith's rows
+        # are random.Random(1234) draws); the exclusion set, not the seed, is the guarantee
+        self.rng = random.Random(f"selfplay-tasks-{seed}")
+        self.trained: set[str] = set()  # canonical keys of every solver problem emitted for training
         super().__init__()
+        self.counts.update({"eval_overlap": 0, "excluded_eval": 0})
 
     # ------------------------------------------------------------------ prompts
     def render(self, user_text: str) -> str:
@@ -79,7 +104,9 @@ class ProposerSolverEnv(EnvMetrics):
         stats = Counter()
 
         if self.source == "generator":
+            redraws = self.family.redraws
             problems = [self.family.random_problem(self.rng) for _ in range(solver_slots)]
+            stats["eval_redraws"] += self.family.redraws - redraws
             solved = self._solve(problems, g, backend, sampling)
             self._emit_solver(out, solved, g)
             self._record(stats, [], solved, groups)
@@ -142,6 +169,9 @@ class ProposerSolverEnv(EnvMetrics):
         parsed = [self.family.parse(t) for t in texts]
         stats["proposed"] += len(parsed)
         stats["unparsable"] += sum(p is None for p in parsed)
+        excluded = [self.family.excluded(p) for p in parsed]  # an evaluation item: dropped, scored as invalid
+        stats["excluded_eval"] += sum(excluded)
+        parsed = [None if x else p for p, x in zip(parsed, excluded)]
         return list(zip(ids_in, ids_out, parsed))
 
     def _solve(self, problems: list[Problem], g, backend, sampling):
@@ -160,6 +190,9 @@ class ProposerSolverEnv(EnvMetrics):
 
     def _emit_solver(self, out, solved, g):
         for p, prompt_ids, completions, rate in solved:
+            key = self.family.canonical(p)
+            self.trained.add(key)
+            self.counts["eval_overlap"] += key in self.family.exclude  # measured on what is emitted
             for c in completions:
                 out["prompt_ids"].append(prompt_ids)
                 out["completion_ids"].append(c)
