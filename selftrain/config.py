@@ -187,21 +187,24 @@ class RunConfig(Section):
         return Path(self.run.output_dir or f"runs/{self.run.name}")
 
     def fingerprint(self) -> str:
-        """Hash of the whole config: what manifests before version 2 stored (see run_fingerprints)."""
-        return _hash(self.model_dump(mode="json"))
+        """Hash of the whole config as manifests before version 2 stored it (see run_fingerprints):
+        the sections of that version only, so their runs still resume."""
+        return _hash(self.model_dump(mode="json", exclude={"sandbox"}))
 
     def run_fingerprints(self) -> dict[str, str]:
         """One hash per run-level section: what shapes every finished stage's results (model, data,
         seed, evaluation, guard, and any section added later). A resume must match them all.
         Stages are fingerprinted one by one (stage_fingerprint); rounds only add stages."""
-        dump = self.model_dump(mode="json", exclude={"rounds", "stages", "sandbox"})  # sandbox: how, not what
-        dump["run.seed"] = dump.pop("run")["seed"]  # name, directory, device don't change results
+        # options left at their defaults are not hashed: an option a later version adds leaves runs resumable
+        dump = self.model_dump(mode="json", exclude={"rounds", "stages", "sandbox"}, exclude_defaults=True)
+        dump.setdefault("run", {})
+        dump["run.seed"] = dump.pop("run").get("seed", 0)  # name, directory, device don't change results
         return {k: _hash(v) for k, v in dump.items()}
 
 
 def stage_fingerprint(spec: StageSpec) -> str:
     """Hash of one stage's resolved options (defaults filled in), to tell if a finished one changed."""
-    return _hash({"name": spec.name, "config": spec.config.model_dump(mode="json")})
+    return _hash({"name": spec.name, "config": spec.config.model_dump(mode="json", exclude_defaults=True)})
 
 
 def _hash(obj) -> str:

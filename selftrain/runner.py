@@ -13,6 +13,7 @@ change, and ``restart_from`` redoes a stage and every one after it.
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import time
@@ -176,9 +177,11 @@ class Runner:
         if cut < len(entries):
             self._restart(manifest, cut)
         planned = {key for key, *_ in self.plan()}
-        for e in [e for e in manifest["stages"] if e["key"] not in planned]:  # unfinished, no longer asked for
+        gone = [e for e in manifest["stages"] if e["key"] not in planned]  # unfinished, no longer asked for
+        for e in gone:
             manifest["stages"].remove(e)
             shutil.rmtree(ws.stage_dir(e["key"]), ignore_errors=True)
+        ws.drop_metrics({e["key"] for e in gone})
         fingerprints = {key: stage_fingerprint(spec) for key, _, _, spec in self.plan()}
         for e in manifest["stages"]:
             e.setdefault("fingerprint", fingerprints[e["key"]])  # a version-1 manifest (config was identical)
@@ -268,11 +271,13 @@ class Runner:
                          start_checkpoint=manifest["current_checkpoint"],
                          started=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics_before=manifest["accepted_metrics"])
             ws.save_manifest(manifest)
+            before = copy.deepcopy(manifest)  # what is saved if Ctrl-C lands mid-commit
             try:
                 self._run_one(manifest, entry, spec, rnd, heldout)
-            except KeyboardInterrupt:  # Ctrl-C: a consistent manifest; the stage is retried next time
-                entry.update(status="interrupted", reason="interrupted (Ctrl-C); retried on the next run")
-                ws.save_manifest(manifest)
+            except KeyboardInterrupt:  # Ctrl-C: the manifest as it was, the stage retried next time
+                interrupted = next(e for e in before["stages"] if e["key"] == key)
+                interrupted.update(status="interrupted", reason="interrupted (Ctrl-C); retried on the next run")
+                ws.save_manifest(before)
                 raise
             ws.save_manifest(manifest)
         return manifest

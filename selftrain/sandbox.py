@@ -19,8 +19,9 @@ At ``isolation == "full"`` the code runs:
 
 A Python audit hook stays as a second layer (it names the refused action in the error). Where
 bubblewrap or user namespaces are missing the level is lower (``namespaces``: no seccomp;
-``none``: rlimits and the hook only), ``SandboxResult.isolation`` says so, and ``run_python``
-refuses to run below ``min_isolation`` (default ``full``).
+``none``: rlimits, user 65534 when the caller is root, and the hook; that is no sandbox: the hook
+can be switched off from inside), ``SandboxResult.isolation`` says so, and ``run_python`` refuses
+to run below ``min_isolation`` (default ``full``).
 
     result = run_python("print(sum(range(10)))", limits=SandboxLimits(cpu_seconds=1))
     result.ok, result.stdout, result.isolation  # (True, "45\\n", "full")
@@ -82,10 +83,6 @@ class SandboxResult:
     seconds: float
     output_truncated: bool
     isolation: str  # "full", "namespaces" or "none": what this run really had
-
-    @property
-    def network_isolated(self) -> bool:
-        return self.isolation != "none"
 
     @property
     def error(self) -> str:
@@ -183,6 +180,13 @@ def _interpreter() -> tuple[str, list[str]]:
     return exe, sorted(f for f in folders if not f.startswith("/usr/") and f != "/usr")
 
 
+def _others_can_run_python() -> bool:
+    """Whether user 65534 could import the standard library from where it is on the host (not
+    under a 0700 home, as pyenv's is under /root): without namespaces there is no other view."""
+    stdlib = Path(os.path.realpath(os.__file__)).parent
+    return all(p.stat().st_mode & 0o001 for p in (stdlib, *stdlib.parents))
+
+
 def _bwrap_args(bwrap: str, limits: SandboxLimits) -> list[str]:
     exe, folders = _interpreter()
     args = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
@@ -228,7 +232,8 @@ class _Server:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         full = level == "full"
         settings = {"nobody": NOBODY, "setup_failed": SETUP_FAILED, "socket": theirs.fileno(),
-                    "isolate": level != "none", "drop": level != "none" and os.geteuid() == 0,
+                    "isolate": level != "none",
+                    "drop": os.geteuid() == 0 and (level != "none" or _others_can_run_python()),
                     "allow_net": limits.network, "work": str(ctl / "work"),
                     "zygote_filter": None, "child_filter": None}
         if full:  # read by the zygote before anything runs, from a folder bound read-only
@@ -236,8 +241,10 @@ class _Server:
             (ctl / "zygote.bpf").write_bytes(zygote_filter)
             (ctl / "child.bpf").write_bytes(child_filter)
             settings.update(zygote_filter="/sandbox/ctl/zygote.bpf", child_filter="/sandbox/ctl/child.bpf")
-        if level == "none":  # no namespaces: a host folder per program, and the caller's user
+        if level == "none":  # no namespaces: a host folder per program, user 65534 if the caller is root
             (ctl / "work").mkdir()
+            for folder in (ctl, ctl / "work"):
+                folder.chmod(0o711)  # 65534 may pass through to its folder, not list or read ours
             cmd = [_interpreter()[0], "-I", "-S", INSIDE]
         else:
             cmd = _bwrap_args(_bwrap(), limits)
@@ -355,6 +362,9 @@ def require_isolation(min_isolation: str) -> str:
     """The level available, or SandboxUnavailable naming what is missing and how to allow less."""
     if min_isolation not in ISOLATION_LEVELS:
         raise ValueError(f"min_isolation must be one of {ISOLATION_LEVELS}, not {min_isolation!r}")
+    if not sys.platform.startswith("linux"):
+        raise SandboxUnavailable("running model-written code needs Linux (namespaces, seccomp, pidfd); "
+                                 f"this is {sys.platform}")
     level = isolation_available()
     if ISOLATION_LEVELS.index(level) < ISOLATION_LEVELS.index(min_isolation):
         raise SandboxUnavailable(

@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+import traceback  # imported here: a child may no longer read the standard library's folder
 
 SETTINGS = json.loads(sys.argv[1])
 NOBODY = SETTINGS["nobody"]
@@ -69,13 +70,18 @@ def read_filter(path):
 # ---------------------------------------------------------------------------- the child
 
 
-def isolate(limits: dict) -> None:
-    """User 65534 in user, mount, IPC and network namespaces of its own; the sandbox's root and
-    /dev read-only; fresh tmpfs on /work, /tmp, /dev/shm and /dev/pts; no capability left."""
-    if SETTINGS["drop"]:  # the real user 65534, outside the sandbox too
+def become_nobody() -> None:
+    """The real user 65534, outside the sandbox too (when the caller is root; else it is the caller)."""
+    if SETTINGS["drop"]:
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
+
+
+def isolate(limits: dict) -> None:
+    """User 65534 in user, mount, IPC and network namespaces of its own; the sandbox's root and
+    /dev read-only; fresh tmpfs on /work, /tmp, /dev/shm and /dev/pts; no capability left."""
+    become_nobody()
     check(libc.prctl(4, 1, 0, 0, 0) == 0, "prctl(PR_SET_DUMPABLE)")  # so that uid_map is ours to write
     net = 0 if SETTINGS["allow_net"] else CLONE_NEWNET  # its own: no socket name outlives it for the next
     check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWIPC | net) == 0, "unshare")
@@ -145,7 +151,8 @@ def child(limits: dict, fds: list[int], run_dir: str | None, child_bpf: bytes | 
         if run_dir is None:
             isolate(limits)
             run_dir, roots = "/work", ("/work", "/tmp")
-        else:  # isolation "none": a host folder made for this program alone
+        else:  # isolation "none": a host folder made for this program alone, and never root
+            become_nobody()
             roots = (os.path.realpath(run_dir),)
         os.chdir(run_dir)
         mb = 1024 * 1024
@@ -172,8 +179,6 @@ def child(limits: dict, fds: list[int], run_dir: str | None, child_bpf: bytes | 
             if e.code is not None and not isinstance(e.code, int):
                 print(e.code, file=sys.stderr)
         except BaseException as e:
-            import traceback
-
             traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # from the program's first frame
             code = 1
         sys.stdout.flush()
@@ -195,7 +200,27 @@ def setup() -> bytes | None:
     check(libc.prctl(38, 1, 0, 0, 0) == 0, "prctl(PR_SET_NO_NEW_PRIVS)")  # bwrap set it already; be sure
     check(zygote_bpf is None or load_filter(zygote_bpf), "seccomp filter not loaded")
     check(libc.prctl(4, 0, 0, 0, 0) == 0, "prctl(PR_SET_DUMPABLE, 0)")  # no child reaches our /proc or memory
+    if not SETTINGS["isolate"]:  # no PID namespace: orphans of a program come to us, to be ended
+        check(libc.prctl(36, 1, 0, 0, 0) == 0, "prctl(PR_SET_CHILD_SUBREAPER)")
     return child_bpf
+
+
+def end_leftovers() -> None:
+    """Without a PID namespace: kill whatever a program left running (our children, as subreaper)."""
+    for _ in range(100):
+        try:
+            pids = [int(p) for task in os.listdir("/proc/self/task")
+                    for p in open(f"/proc/self/task/{task}/children").read().split()]
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
 
 
 def serve(child_bpf: bytes | None) -> None:
@@ -212,6 +237,8 @@ def serve(child_bpf: bytes | None) -> None:
         run_dir = None if SETTINGS["isolate"] else os.path.join(SETTINGS["work"], f"run-{time.monotonic_ns()}")
         if run_dir:
             os.mkdir(run_dir, 0o700)
+            if SETTINGS["drop"]:
+                os.chown(run_dir, NOBODY, NOBODY)
         start = time.perf_counter()
         pid = os.fork()
         if pid == 0:
@@ -229,6 +256,7 @@ def serve(child_bpf: bytes | None) -> None:
         os.close(pidfd)
         seconds = time.perf_counter() - start
         if run_dir:
+            end_leftovers()
             shutil.rmtree(run_dir, ignore_errors=True)
         elif os.getpid() == 2:  # in bwrap's PID namespace (1 is its init): end anything the program left
             try:  # running (only possible without seccomp); -1 spares us and init

@@ -203,7 +203,9 @@ class Workspace:
     def clean_temp(self) -> None:
         """Remove what a crash left mid-write (call with the lock held: then nothing is in flight).
         A directory interrupted between replace_dir's two renames is put back first."""
-        for path in sorted(self.root.rglob(".*"), key=lambda p: len(p.parts)):
+        places = [self.root, self.data_dir, self.root / "checkpoints", *self.root.glob("stages/*")]
+        found = [p for place in places if place.is_dir() for p in place.glob(".*")]  # where our writes go
+        for path in sorted(found, key=lambda p: len(p.parts)):
             if not TEMP_NAME.fullmatch(path.name) or not os.path.lexists(path):
                 continue
             if path.name.endswith(".old"):
@@ -220,7 +222,9 @@ class Workspace:
         f = open(self.root / ".lock", "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.fstat(f.fileno()).st_ino != os.stat(self.root / ".lock").st_ino:
+                raise BlockingIOError  # the file was removed (by a run that just ended) while we waited
+        except (BlockingIOError, FileNotFoundError):
             f.close()
             raise SelftrainError(f"another selftrain process is running in {self.root} "
                                  "(setting it up or training); wait for it, or stop it first") from None
@@ -235,10 +239,10 @@ class Workspace:
         try:
             yield self
         finally:
-            self.unlock()
             if created and [p.name for p in self.root.iterdir()] == [".lock"]:
-                (self.root / ".lock").unlink()
+                (self.root / ".lock").unlink()  # while still held: no one can lock the file we remove
                 self.root.rmdir()
+            self.unlock()
 
     def unlock(self) -> None:
         if self._lock_file is not None:

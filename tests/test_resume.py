@@ -8,6 +8,7 @@ import copy
 import fcntl
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -21,6 +22,8 @@ from selftrain.stages import REGISTRY, Stage, StageConfig, StageResult
 from selftrain.stages.pretrain import PretrainStage
 from selftrain.workspace import Workspace
 from tests.conftest import make_corpus, micro_config, pretrain, write_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 cli = CliRunner()
 
@@ -194,6 +197,33 @@ class Adder(Stage):
                                                    round=state.round))
 
 
+def test_ctrl_c_while_a_stage_is_committed_leaves_the_manifest_as_before_it(tmp_path, corpus_file, monkeypatch):
+    """Ctrl-C between accepting a stage and switching to its new pool: the saved manifest is the
+    one from before the stage (its checkpoint, metrics and pool), so the retry starts where it did."""
+    monkeypatch.setitem(REGISTRY, "adder", Adder)
+    run_dir = tmp_path / "run"
+    cfg = micro_config(run_dir, corpus_file, [pretrain(max_steps=5), {"adder": {}}])
+    save = Pool.save
+
+    def interrupted_save(self, path):
+        if "pool-" in str(path):
+            raise KeyboardInterrupt
+        return save(self, path)
+
+    monkeypatch.setattr(Pool, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(config_from_dict(cfg)).run()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    one, two = manifest["stages"]
+    assert two["status"] == "interrupted" and "decision" not in two
+    assert manifest["current_checkpoint"] == one["checkpoint"] == two["start_checkpoint"]
+    assert manifest["pool"] == "data/pool" and manifest["accepted_metrics"] == one["metrics_after"]
+    monkeypatch.setattr(Pool, "save", save)
+    done = Runner(config_from_dict(cfg)).run()
+    assert done["stages"][1]["attempts"] == 2 and done["stages"][1]["start_checkpoint"] == one["checkpoint"]
+    assert done["pool"] == "data/pool-r1-02-adder" and done["status"] == "finished"
+
+
 def test_adding_rounds_or_stages_runs_just_the_new_ones(finished, tmp_path):
     run_dir, cfg = _copy(finished, tmp_path)
     old = json.loads((run_dir / "manifest.json").read_text())["stages"]
@@ -210,6 +240,14 @@ def test_adding_rounds_or_stages_runs_just_the_new_ones(finished, tmp_path):
     with pytest.raises(SelftrainError, match="r1-04-pretrain is new but comes before finished stage "
                                              "r2-01-pretrain.*--restart-from r2-01-pretrain"):
         Runner(config_from_dict(cfg)).run()
+
+
+def test_the_version_1_fingerprint_is_what_the_previous_release_computed():
+    """Pinned from the release before per-stage fingerprints (commit 4974588), on configs/demo.yaml:
+    a section added since (sandbox) must not change it, or no older run could resume."""
+    from selftrain.config import load_config
+
+    assert load_config(REPO / "configs" / "demo.yaml").fingerprint() == "85b2bcc3cc3fd44d"
 
 
 def test_a_version_1_manifest_resumes_with_the_same_config_only(finished, tmp_path):

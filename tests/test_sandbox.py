@@ -44,7 +44,6 @@ for _f in gc.get_objects():
                 _c.cell_contents = frozenset()
             elif callable(_c.cell_contents) and getattr(_c.cell_contents, "__name__", "") == "inside":
                 _c.cell_contents = lambda p: True
-sys.modules["__main__"].__dict__["ALLOW_NET"] = True
 """
 
 
@@ -496,6 +495,14 @@ def test_without_namespaces_rlimits_and_the_hook_still_apply(monkeypatch, tmp_pa
     assert not r.ok and "outside the working directory" in r.error and not victim.exists()
     r = run_python("while True:\n    pass", limits=FAST, min_isolation="none")
     assert not r.ok and r.seconds < 3
+    # the hook is no wall (it can be switched off), but a root caller's program is still not root,
+    # and what it leaves running is ended when it returns
+    r = run_python(HOOK_OFF + "import os, time\npid = os.fork()\nif pid == 0:\n    os.setsid()\n"
+                   "    time.sleep(30)\n    os._exit(0)\nprint(os.getuid(), pid)", limits=FAST, min_isolation="none")
+    uid, orphan = map(int, r.stdout.split())
+    assert uid == (65534 if os.geteuid() == 0 and sb._others_can_run_python() else os.geteuid())
+    time.sleep(0.2)
+    assert not Path(f"/proc/{orphan}").exists() or b"State:\tZ" in _reads(Path(f"/proc/{orphan}/status"))
 
 
 def test_below_min_isolation_is_refused_with_how_to_allow(monkeypatch):
