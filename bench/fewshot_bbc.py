@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from selftrain.data.pool import example_id
 from selftrain.evaluation.harness import evaluate_task
@@ -115,7 +116,8 @@ def main() -> None:
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         model, selected, history = self_train(model, tok, task, unlabelled, cfg, seed=args.seed, device="cpu",
-                                              work_dir=Path(work), measured=measured)
+                                              work_dir=Path(work), measured=measured,
+                                              console=Console(stderr=True))  # prints each round
     seconds["self-trained"] = time.perf_counter() - t
     results["self-trained"] = {"acc": history[-1]["accuracy"], "n": len(measured)}
 
