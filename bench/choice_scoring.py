@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from selftrain.evaluation import harness
+from selftrain.modeling.scoring import unshared_choice_loglikelihoods
 from selftrain.tasks import load_task
 
 
@@ -53,8 +54,8 @@ def main() -> None:
         shared = harness.choice_logprobs(model, tok, task, prompts, choices, batch_size=args.batch_size)
         t_shared = time.perf_counter() - t
         t = time.perf_counter()
-        plain = harness._choice_logprobs_unshared(model, tok, task.target_delimiter, prompts, choices, args.batch_size,
-                                                 False)
+        plain = unshared_choice_loglikelihoods(model, tok, prompts, choices, prefix=task.target_delimiter,
+                                               batch_size=args.batch_size)
         t_plain = time.perf_counter() - t
     diff = max(abs(a - b) for xs, ys in zip(shared, plain) for a, b in zip(xs, ys))
     value, baseline = len(docs) / t_shared, len(docs) / t_plain

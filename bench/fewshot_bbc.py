@@ -32,7 +32,7 @@ from selftrain.evaluation.harness import evaluate_task
 from selftrain.evaluation.self_icl import self_icl_demos
 from selftrain.modeling.factory import SMOLLM2_GGUF, load_pretrained, save_checkpoint, smollm2_dir
 from selftrain.stages.fewshot import FewshotConfig, label_task, predict, self_train, split_task_rows
-from selftrain.stages.sft import SFTOptions
+from selftrain.training.sft import SFTOptions
 
 
 def smollm2(cache: Path):

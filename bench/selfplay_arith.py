@@ -33,12 +33,13 @@ import torch
 from transformers import TrainerCallback
 
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
-from selftrain.stages.pretrain import resolve_precision
 from selftrain.stages.selfplay import SelfplayConfig
-from selftrain.stages.selfplay.grpo import grpo_train
+from selftrain.stages.selfplay.grpo import grpo_options
 from selftrain.stages.selfplay.proposer_solver import ProposerSolverEnv
 from selftrain.tasks.families import Arithmetic
 from selftrain.tasks.generators import arithmetic
+from selftrain.training.grpo import grpo_train
+from selftrain.training.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parent
 
@@ -120,7 +121,7 @@ def run_arm(source: str, args, cache: Path) -> dict:
     curve.curve.append((0, 0.0, before))
     rewards = {name: (fn, 1.0) for name, fn in env.rewards().items()}
     with tempfile.TemporaryDirectory() as out:
-        _, records, _ = grpo_train(model, tok, env, rewards, opts=cfg, out_dir=Path(out) / "trainer", seed=args.seed,
+        _, records, _ = grpo_train(model, tok, env, rewards, opts=grpo_options(cfg), out_dir=Path(out) / "trainer", seed=args.seed,
                                    log=lambda r: None, stage_key=f"bench-{source}", callbacks=[curve])
     if curve.curve[-1][0] != records[-1]["step"]:
         curve.curve.append((records[-1]["step"], round(curve.train_seconds / 60, 2),

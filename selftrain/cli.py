@@ -1,4 +1,4 @@
-"""The `selftrain` command: run, demo, inspect, report, eval, tasks.
+"""The `selftrain` command: run, demo, inspect, report, eval, tasks, stages, config.
 
 User errors (bad config, data, model path) print one clear message and exit with code 2;
 Ctrl-C prints one line and exits with 130 (a run's manifest stays consistent and resumes).
@@ -270,8 +270,80 @@ def tasks(
                   f"--tasks {','.join(s.name for s in specs)}")
 
 
+@app.command()
+def stages(name: str | None = typer.Argument(None, help="A stage to describe; omit to list them all.")):
+    """List the stages, or print one stage's options: type, default and what each does."""
+    from selftrain.config import unknown_name
+    from selftrain.stages import REGISTRY
+    from selftrain.stages.schema import option_rows, summary
+
+    with user_errors():
+        if name is None:
+            table = Table("stage", "what it does")
+            for stage_name, cls in sorted(REGISTRY.items()):
+                table.add_row(stage_name, summary(cls))
+            console.print(table)
+            console.print("`selftrain stages NAME` prints a stage's options.")
+            return
+        if name not in REGISTRY:
+            raise SelftrainError(unknown_name(name, REGISTRY, what="stage"))
+        cls = REGISTRY[name]
+        console.print(f"[bold]{name}[/]: {summary(cls)}", highlight=False)
+        table = Table("option", "type", "default", "description")
+        for column in table.columns[:3]:
+            column.no_wrap = True
+        for row in option_rows(cls.Config):
+            table.add_row(*row)
+        console.print(table)
+
+
+@app.command()
+def config(
+    path: Path | None = typer.Argument(None, help="A run config to check and print with every default filled in."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key, as for `run`."),
+    schema: bool = typer.Option(False, "--schema", help="Print the JSON Schema of a run config (for editors: "
+                                "validation and completion of YAML)."),
+    options: bool = typer.Option(False, "--options", help="Print every run-level option (run, model, data, "
+                                 "guard, eval, sandbox) with its type, default and description."),
+):
+    """Check a config (every stage's options included) and print it resolved; or print the options or
+    the JSON Schema. Stage options: `selftrain stages NAME`."""
+    import json
+
+    import yaml
+
+    from selftrain.config import RunConfig, load_config
+
+    with user_errors():
+        if options:
+            from selftrain.stages.schema import option_rows
+
+            table = Table("option", "type", "default", "description")
+            for column in table.columns[:3]:
+                column.no_wrap = True
+            for row in option_rows(RunConfig):
+                if not row[0].startswith(("stages", "eval.tasks.")) or row[0] == "stages":
+                    table.add_row(*row)
+            console.print(table)
+            return
+        if schema:
+            from selftrain.stages.schema import config_schema
+
+            print(json.dumps(config_schema(), indent=2))
+            return
+        if path is None:
+            raise SelftrainError("give a config file to check, or --schema")
+        cfg = load_config(path, set_)
+        from selftrain.stages import stage_specs
+
+        specs = stage_specs(cfg)
+        resolved = cfg.model_dump(mode="json")
+        resolved["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in specs]
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+
+
 def stage_table(manifest: dict, reasons: bool = False) -> Table:
-    from selftrain.report import _fmt, stage_rows
+    from selftrain.report import fmt, stage_rows
 
     table = Table(title=f"run {manifest['run_name']}")
     for col in ("stage", "decision", "ppl before", "ppl after", "distinct-2", "seconds"):
@@ -280,13 +352,13 @@ def stage_table(manifest: dict, reasons: bool = False) -> Table:
         table.add_column("attempts")
         table.add_column("reason")
     base = manifest.get("baseline_metrics", {})
-    table.add_row("start", "-", "-", _fmt(base.get("heldout_ppl")), _fmt(base.get("distinct_2"), 3), "-",
+    table.add_row("start", "-", "-", fmt(base.get("heldout_ppl")), fmt(base.get("distinct_2"), 3), "-",
                   *(("-", "") if reasons else ()))
     for r in stage_rows(manifest):
         style = {"accepted": "green", "rolled_back": "yellow", "failed": "red"}.get(r["status"], "")
         cells = [r["stage"], f"[{style}]{r['decision'] if r['decision'] != '-' else r['status']}[/]" if style
-                 else str(r["status"]), _fmt(r["ppl_before"]), _fmt(r["ppl_after"]), _fmt(r["distinct_2"], 3),
-                 _fmt(r["seconds"], 1)]
+                 else str(r["status"]), fmt(r["ppl_before"]), fmt(r["ppl_after"]), fmt(r["distinct_2"], 3),
+                 fmt(r["seconds"], 1)]
         if reasons:
             cells += [str(r["attempts"]), r["reason"]]
         table.add_row(*cells)

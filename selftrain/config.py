@@ -1,8 +1,9 @@
 """The schema of a run: YAML in (safely), validated by pydantic, clear errors out.
 
-A config has six sections: ``run``, ``model``, ``data``, ``guard``, ``eval``, ``rounds`` and
-``stages``. Each stage entry is ``{name: {its options}}`` and is validated by that stage's own
-``Config`` class, so a typo anywhere names the key, where it is, and the keys that are valid.
+A config has the sections ``run``, ``model``, ``data``, ``guard``, ``eval``, ``sandbox``,
+``rounds`` and ``stages``; a typo anywhere names the key, where it is, and the keys that are
+valid. Each stage entry is ``{name: {its options}}``, validated by that stage's own ``Config``
+in ``selftrain.stages`` (this module knows no stage).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class RunSection(Section):
     keep_rejected_checkpoints: bool = Field(
         False, description="Keep the weights of stages the guard rolled back (for debugging)."
     )
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="Experiment tracker every trainer logs to (tensorboard: offline, in stages/<key>/tracking).")
 
     @field_validator("name")
     @classmethod
@@ -139,14 +142,6 @@ class SandboxSection(Section):
         "seccomp), namespaces (no seccomp) or none (rlimits and an audit hook only); stages refuse to start below.")
 
 
-class StageSpec(BaseModel):
-    """One validated stage entry: its registered name and its own config."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-    name: str
-    config: Any
-
-
 class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection, description="Name, directory, seed, device.")
     model: ModelConfig = Field(..., description="The model to improve.")
@@ -157,31 +152,6 @@ class RunConfig(Section):
     rounds: int = Field(1, ge=1, description="How many times the stage list runs.")
     stages: list[str | dict[str, Any]] = Field(..., min_length=1, description="Stages, in order.")
 
-    def stage_specs(self) -> list[StageSpec]:
-        """Validate each stage entry against its stage's own Config."""
-        from selftrain.stages import REGISTRY
-
-        specs = []
-        for i, entry in enumerate(self.stages):
-            if isinstance(entry, str):
-                entry = {entry: {}}
-            if len(entry) != 1:
-                raise SelftrainError(
-                    f"config error at stages[{i}]: each stage is one key, e.g. `- pretrain: {{max_steps: 100}}`; "
-                    f"got keys {sorted(entry)}"
-                )
-            (name, options), = entry.items()
-            if name not in REGISTRY:
-                raise SelftrainError(_unknown_key_message(f"stages[{i}]", name, sorted(REGISTRY)))
-            if options is not None and not isinstance(options, dict):
-                raise SelftrainError(f"config error at stages[{i}].{name}: expected a mapping of options")
-            stage_cls = REGISTRY[name]
-            try:
-                specs.append(StageSpec(name=name, config=stage_cls.Config(**(options or {}))))
-            except ValidationError as e:
-                raise SelftrainError(_format_validation_error(e, stage_cls.Config, f"stages[{i}].{name}")) from None
-        return specs
-
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir or f"runs/{self.run.name}")
@@ -189,7 +159,7 @@ class RunConfig(Section):
     def fingerprint(self) -> str:
         """Hash of the whole config as manifests before version 2 stored it (see run_fingerprints):
         the sections of that version only, so their runs still resume."""
-        return _hash(self.model_dump(mode="json", exclude={"sandbox"}))
+        return _hash(self.model_dump(mode="json", exclude={"sandbox": True, "run": {"report_to"}}))
 
     def run_fingerprints(self) -> dict[str, str]:
         """One hash per run-level section: what shapes every finished stage's results (model, data,
@@ -200,11 +170,6 @@ class RunConfig(Section):
         dump.setdefault("run", {})
         dump["run.seed"] = dump.pop("run").get("seed", 0)  # name, directory, device don't change results
         return {k: _hash(v) for k, v in dump.items()}
-
-
-def stage_fingerprint(spec: StageSpec) -> str:
-    """Hash of one stage's resolved options (defaults filled in), to tell if a finished one changed."""
-    return _hash({"name": spec.name, "config": spec.config.model_dump(mode="json", exclude_defaults=True)})
 
 
 def _hash(obj) -> str:
@@ -237,10 +202,9 @@ def config_from_dict(raw: dict, overrides=(), source: str = "config") -> RunConf
     try:
         cfg = RunConfig(**raw)
     except ValidationError as e:
-        raise SelftrainError(f"{source}: " + _format_validation_error(e, RunConfig, "")) from None
+        raise SelftrainError(f"{source}: " + format_validation_error(e, RunConfig, "")) from None
     except TypeError as e:  # e.g. a section given as a list instead of a mapping
         raise SelftrainError(f"{source}: {e}") from None
-    cfg.stage_specs()  # validate stage options now, before anything is written
     return cfg
 
 
@@ -324,7 +288,7 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def _format_validation_error(err: ValidationError, cls: type[BaseModel], prefix: str) -> str:
+def format_validation_error(err: ValidationError, cls: type[BaseModel], prefix: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])

@@ -14,6 +14,7 @@ change, and ``restart_from`` redoes a stage and every one after it.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 import time
@@ -24,7 +25,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from selftrain.config import GuardConfig, RunConfig, StageSpec, stage_fingerprint
+from selftrain.config import GuardConfig, RunConfig
 from selftrain.data.pool import Pool, prepare_corpus
 from selftrain.errors import SelftrainError
 from selftrain.evaluation import LOWER_IS_BETTER, evaluate
@@ -35,11 +36,19 @@ from selftrain.modeling.factory import (
     save_checkpoint,
 )
 from selftrain.sandbox import require_isolation
-from selftrain.stages import REGISTRY, RunState
+from selftrain.stages import (
+    REGISTRY,
+    RunState,
+    StageResult,
+    StageSpec,
+    stage_fingerprint,
+    stage_specs,
+)
 from selftrain.workspace import (
     MANIFEST_VERSION,
     TEMP_NAME,
     Workspace,
+    atomic_write_json,
     atomic_write_text,
     replace_dir,
 )
@@ -48,7 +57,7 @@ DONE = ("accepted", "rolled_back", "failed")
 SETUP_FILES = {".lock", "config.yaml", "data", "checkpoints", "metrics.jsonl"}
 # What an attempt records about its outcome; cleared when the stage is tried again.
 OUTCOME = ("decision", "reason", "metrics_after", "stage_metrics", "checkpoint", "checkpoint_deleted", "seconds",
-           "finished", "pool_added", "pool_dropped_by_cap")
+           "finished", "pool_added", "pool_dropped_by_cap", "annotations", "artefacts", "auxiliary")
 
 
 def guard_decision(guard: GuardConfig, before: dict, after: dict) -> tuple[bool, str]:
@@ -77,7 +86,7 @@ class Runner:
     def __init__(self, config: RunConfig, console: Console | None = None, *, restart_from: str | None = None,
                  config_path: str | Path | None = None):
         self.cfg = config
-        self.specs = config.stage_specs()
+        self.specs = stage_specs(config)  # every stage's options validated before anything is touched
         self.restart_from = restart_from
         self.command = f"selftrain run {config_path or 'CONFIG'}"  # for the hints in error messages
         self.ws = Workspace(config.run_dir)
@@ -147,6 +156,9 @@ class Runner:
     def _preflight(self, specs, model, tokenizer, kind: str, train_texts: list[str]) -> None:
         for spec in specs:
             stage = REGISTRY[spec.name]()
+            if stage.requires_causal and kind != "causal":
+                raise SelftrainError(f"stage {spec.name} generates or scores continuations with a causal LM; this "
+                                     f"run's model is a {kind} LM")
             stage.preflight(spec.config, model=model, tokenizer=tokenizer, kind=kind, train_texts=train_texts)
             if stage.runs_model_code(spec.config):  # refused here, not hours into the run
                 require_isolation(self.cfg.sandbox.min_isolation)
@@ -287,14 +299,19 @@ class Runner:
         key, stage_dir = entry["key"], ws.stage_dir(entry["key"])
         stage_dir.mkdir(parents=True, exist_ok=True)
         con.rule(f"[bold]{key}[/] (attempt {entry['attempts']})")
-        pool = Pool.load(ws.abs(manifest["pool"]))
+        pool = Pool.load(ws.abs(manifest["pool"]))  # the rows; accepted stages' annotations are laid over them
+        accepted = [e for e in manifest["stages"] if e["status"] == "accepted"]
+        layers = [json.loads(ws.abs(e["annotations"]["path"]).read_text()) for e in accepted if e.get("annotations")]
         state = RunState(config=cfg, checkpoint=ws.abs(manifest["current_checkpoint"]),
-                         kind=manifest["model_kind"], pool=pool, heldout=heldout, seed=cfg.run.seed + rnd,
+                         kind=manifest["model_kind"], pool=pool.annotated(layers), heldout=heldout, seed=cfg.run.seed + rnd,
                          round=rnd, stage_key=key, stage_dir=stage_dir, device=self.device,
+                         artefacts={n: ws.abs(p) for e in accepted for n, p in (e.get("artefacts") or {}).items()},
+                         auxiliary={n: ws.abs(p) for e in accepted for n, p in (e.get("auxiliary") or {}).items()},
                          log=ws.log_metrics)
         start = time.perf_counter()
         try:
             result = REGISTRY[spec.name]().run(state, spec.config)
+            self._check_result(result, pool, stage_dir)
         except SelftrainError as e:  # bad input found mid-stage: not DONE, so a fixed rerun retries it
             entry.update(status="error", reason=str(e))
             ws.save_manifest(manifest)
@@ -316,7 +333,13 @@ class Runner:
             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
         ws.log_metrics({"stage": key, "phase": "eval", "decision": entry["decision"], **after})
+        entry["artefacts"] = {n: ws.rel(p) for n, p in result.artefacts.items()}  # kept either way: the report shows them
         if accepted:
+            if result.annotations:
+                path = stage_dir / "annotations.json"
+                atomic_write_json(path, result.annotations)
+                entry["annotations"] = {"path": ws.rel(path), "rows": pool.check_annotations(result.annotations)}
+            entry["auxiliary"] = {n: ws.rel(p) for n, p in result.auxiliary.items()}
             if result.checkpoint is not None:
                 manifest["current_checkpoint"] = ws.rel(result.checkpoint)
             manifest["accepted_metrics"] = after
@@ -326,11 +349,29 @@ class Runner:
                 new_pool.save(ws.data_dir / f"pool-{key}")  # a new version; the manifest switches to it
                 entry.update(pool_added=added, pool_dropped_by_cap=dropped)
                 manifest["pool"] = f"data/pool-{key}"
-        elif result.checkpoint is not None and not cfg.run.keep_rejected_checkpoints:
-            shutil.rmtree(result.checkpoint, ignore_errors=True)
-            entry["checkpoint_deleted"] = True
+        elif not cfg.run.keep_rejected_checkpoints:
+            for path in [result.checkpoint, *result.auxiliary.values()]:
+                if path is not None:
+                    shutil.rmtree(path, ignore_errors=True)
+                    entry["checkpoint_deleted"] = True
         colour = "green" if accepted else "yellow"
         con.print(f"[{colour}]{entry['decision']}[/]: {reason}")
+
+    @staticmethod
+    def _check_result(result: StageResult, pool: Pool, stage_dir: Path) -> None:
+        """A stage's outputs must be its own files and name real rows: anything else fails the stage."""
+        if not isinstance(result, StageResult):
+            raise TypeError(f"a stage's run() returns a StageResult, not {type(result).__name__}")
+        named = {"checkpoint": result.checkpoint} if result.checkpoint is not None else {}
+        named.update({f"artefact {n!r}": p for n, p in result.artefacts.items()})
+        named.update({f"auxiliary model {n!r}": p for n, p in result.auxiliary.items()})
+        for what, path in named.items():
+            path = Path(path).resolve()
+            if not path.is_relative_to(stage_dir.resolve()):
+                raise ValueError(f"{what} {path} is outside the stage directory {stage_dir}")
+            if not path.exists():
+                raise FileNotFoundError(f"{what} {path} does not exist")
+        pool.check_annotations(result.annotations)
 
     def _evaluate(self, checkpoint: Path, kind: str, heldout: list[str], stage_dir: Path) -> dict:
         model, tokenizer = load_checkpoint(checkpoint, kind)

@@ -3,12 +3,13 @@ import yaml
 
 from selftrain.config import apply_override, config_from_dict, load_config
 from selftrain.errors import SelftrainError
+from selftrain.stages import stage_specs
 from tests.conftest import micro_config, pretrain, write_config
 
 
 def test_valid_config_round_trips(tmp_path, corpus_file):
     cfg = config_from_dict(micro_config(tmp_path / "run", corpus_file, [pretrain()]))
-    (spec,) = cfg.stage_specs()
+    (spec,) = stage_specs(cfg)
     assert spec.name == "pretrain" and spec.config.max_steps == 40
     assert cfg.model.trust_remote_code is False  # off unless the user turns it on
 
@@ -33,18 +34,18 @@ def test_unknown_nested_key_lists_section_keys(tmp_path, corpus_file):
 def test_unknown_stage_option_and_stage_name(tmp_path, corpus_file):
     raw = micro_config(tmp_path / "run", corpus_file, [{"pretrain": {"max_stepz": 3}}])
     with pytest.raises(SelftrainError) as e:
-        config_from_dict(raw)
+        stage_specs(config_from_dict(raw))
     assert "stages[0].pretrain.max_stepz" in str(e.value) and "max_steps" in str(e.value)
     raw = micro_config(tmp_path / "run", corpus_file, [{"pretrian": {}}])
     with pytest.raises(SelftrainError, match="Did you mean 'pretrain'"):
-        config_from_dict(raw)
+        stage_specs(config_from_dict(raw))
 
 
 def test_overrides_parse_yaml_values_and_address_stages(tmp_path, corpus_file):
     raw = micro_config(tmp_path / "run", corpus_file, [pretrain(), pretrain()])
     cfg = config_from_dict(raw, ["stages.pretrain.max_steps=7", "stages.1.pretrain.learning_rate=0.5",
                                  "run.seed=3", "guard.min_entropy=null"])
-    a, b = cfg.stage_specs()
+    a, b = stage_specs(cfg)
     assert (a.config.max_steps, b.config.max_steps, b.config.learning_rate) == (7, 7, 0.5)
     assert cfg.run.seed == 3 and cfg.guard.min_entropy is None
     with pytest.raises(SelftrainError, match="no stage named"):
@@ -87,7 +88,7 @@ def test_run_name_cannot_escape(tmp_path, corpus_file):
 def test_config_file_written_and_loaded(tmp_path, corpus_file):
     path = write_config(tmp_path / "c.yaml", micro_config(tmp_path / "run", corpus_file, [pretrain()]))
     cfg = load_config(path, ["stages.0.pretrain.max_steps=5"])
-    assert cfg.stage_specs()[0].config.max_steps == 5
+    assert stage_specs(cfg)[0].config.max_steps == 5
     assert yaml.safe_load(path.read_text())["stages"][0]["pretrain"]["max_steps"] == 40  # file untouched
 
 
@@ -99,4 +100,4 @@ def test_every_shipped_config_validates():
     configs = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        load_config(path, []).stage_specs()
+        stage_specs(load_config(path, []))

@@ -21,7 +21,7 @@ from selftrain.stages.fewshot import (
     self_train,
     split_task_rows,
 )
-from selftrain.stages.sft import SFTOptions, sft_train
+from selftrain.training.sft import SFTOptions, sft_train
 from selftrain.workspace import Workspace
 
 TEXTS = make_corpus(120).split("\n\n")

@@ -10,10 +10,10 @@ from conftest import MICRO_ARCH, make_corpus
 
 from selftrain.config import ModelConfig
 from selftrain.errors import SelftrainError
-from selftrain.evaluation import harness
-from selftrain.evaluation.harness import answer_matches, evaluate_task
+from selftrain.evaluation.harness import evaluate_task
 from selftrain.modeling.factory import build_initial
 from selftrain.tasks import load_task
+from selftrain.tasks.answers import answer_matches
 from selftrain.tasks.generators import arithmetic, cloze
 
 TEXTS = make_corpus(120).split("\n\n")
@@ -61,18 +61,6 @@ def test_scoring_picks_the_choice_the_model_is_made_to_prefer(micro, tmp_path):
         assert result.metrics["acc_stderr"] > 0
 
 
-def test_shared_prompt_scoring_equals_scoring_each_pair(micro):
-    """The KV-cache-sharing path must give the plain per-pair log-likelihoods."""
-    model, tok = micro
-    task = load_task("cloze")
-    prompts = ["The cat", "A small bird finds the river near the house. The old", "x"]
-    choices = [["sees the red ball", "dog"], ["man", "teacher paints a tall tree", "river"], ["cat", "a"]]
-    shared = harness.choice_logprobs(model, tok, task, prompts, choices, batch_size=2)
-    plain = harness._choice_logprobs_unshared(model, tok, task.target_delimiter, prompts, choices, 1, False)
-    for a, b in zip(shared, plain):
-        assert a == pytest.approx(b, abs=1e-4)
-
-
 def test_kshot_prompts_never_include_the_evaluated_item(micro, tmp_path):
     model, tok = micro
     task = load_task(write_task(tmp_path, ROWS))
@@ -103,8 +91,9 @@ def test_arithmetic_rows_are_computed_and_matching_is_numeric():
         a, op, b = r["question"].split()
         assert int(r["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
     task = load_task("arith")
-    assert answer_matches(task, " 42.", "42") and answer_matches(task, "It is 1,024", "1024")
-    assert not answer_matches(task, " 43", "42") and not answer_matches(task, " none", "42")
+    match = {"match": task.match, "regex": task.regex}
+    assert answer_matches(" 42.", "42", **match) and answer_matches("It is 1,024", "1024", **match)
+    assert not answer_matches(" 43", "42", **match) and not answer_matches(" none", "42", **match)
 
 
 def test_cloze_rows_hide_a_real_word_among_distractors():

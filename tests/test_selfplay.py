@@ -16,7 +16,8 @@ from selftrain.modeling.factory import build_initial
 from selftrain.rewards.dialogue import Coherence, Relevance, non_repetition
 from selftrain.rewards.judge import SelfJudge
 from selftrain.stages.selfplay import SelfplayConfig
-from selftrain.stages.selfplay.grpo import EnvMetrics, GuardedReward, grpo_train
+from selftrain.stages.selfplay.env import EnvMetrics
+from selftrain.stages.selfplay.grpo import grpo_options
 from selftrain.stages.selfplay.proposer_solver import (
     ProposerSolverEnv,
     eval_problem_keys,
@@ -26,9 +27,9 @@ from selftrain.tasks.families import (
     Arithmetic,
     PythonPrograms,
     StringTransforms,
-    final_number,
     make_family,
 )
+from selftrain.training.grpo import GuardedReward, grpo_train
 
 TEXTS = make_corpus(60).split("\n\n")
 
@@ -50,7 +51,6 @@ def test_arithmetic_family_computes_answers_and_rejects_out_of_family():
     assert fam.check("23 + 45 = 68", p) and fam.check("The answer is 68.", p)
     assert not fam.check("68 is wrong, it is 69", p) and not fam.check("I don't know", p)
     assert fam.check("23 + 45 = 68\n\nThis is 2 numbers", p)  # judged on the first line
-    assert final_number("1,234 and then 5") == 5.0
     r = fam.random_problem(random.Random(0))
     assert int(r.answer) == sum(int(x) for x in r.question.split(" + "))
 
@@ -355,7 +355,7 @@ def test_grpo_reward_rises_on_trivially_learnable_env(micro, tmp_path):
     opts = SelfplayConfig(max_steps=30, learning_rate=1e-2, groups_per_step=2, num_generations=8,
                           max_completion_length=8, temperature=1.0, precision="fp32")
     rewards = {k: (f, 1.0) for k, f in env.rewards().items()}
-    _, records, _ = grpo_train(model, tok, env, rewards, opts=opts, out_dir=tmp_path / "t", seed=0,
+    _, records, _ = grpo_train(model, tok, env, rewards, opts=grpo_options(opts), out_dir=tmp_path / "t", seed=0,
                                log=lambda r: None, stage_key="t")
     curve = [r["rewards/low_tokens/mean"] for r in records]
     first, last = sum(curve[:6]) / 6, sum(curve[-6:]) / 6
@@ -386,7 +386,8 @@ def test_stage_tasks_env_writes_steps_and_plot(tmp_path):
     assert entry["stage_metrics"]["env/steps_total"] == 2
     assert entry["stage_metrics"]["env/eval_overlap_total"] == 0
     report = (stage_dir.parent.parent / "report.md").read_text()
-    assert "self-play `tasks` (grpo)" in report and "selfplay.png" in report and "solve_rate" in report
+    assert "Self-play `tasks` (grpo)" in report and "selfplay.png" in report and "solve_rate" in report
+    assert entry["artefacts"] == {"selfplay_plot": f"stages/{entry['key']}/selfplay.png"}
 
 
 def test_stage_excludes_the_runs_eval_items_and_reports_zero_overlap(tmp_path):

@@ -4,14 +4,21 @@ Columns: ``id, text, origin, op, parent_id, stage, round, meta``; ``meta`` is a 
 of whatever else the stage knows about the row (a pseudo-label and its confidence, say). Real text has origin ``real``;
 anything a stage makes is added *beside* it (never replacing it), capped by
 ``guard.max_synthetic_fraction``, and keeps the id of the example it came from.
+
+Stages may also *annotate* rows (``cluster``, ``duplicate_of``, ``difficulty``, ``weight``): the
+runner keeps each accepted stage's annotations beside the pool and lays them over it, in stage
+order, as extra columns (``Pool.annotated``); a row no stage annotated reads None.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+import re
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -153,6 +160,37 @@ class Pool:
             return self, 0, len(examples)
         merged = datasets.concatenate_datasets([self.ds, to_dataset(chosen)])
         return Pool(merged), len(chosen), len(examples) - len(chosen)
+
+    def annotated(self, layers: list[dict[str, dict[str, Any]]]) -> Pool:
+        """This pool with annotation columns laid over it: each layer is ``{column: {row id: value}}``
+        and a later layer's value for a row replaces an earlier one's."""
+        merged: dict[str, dict[str, Any]] = {}
+        for layer in layers:
+            for column, values in layer.items():
+                merged.setdefault(column, {}).update(values)
+        ds, ids = self.ds, self.ds["id"]
+        for column, values in merged.items():
+            ds = ds.add_column(column, [values.get(i) for i in ids])
+        return Pool(ds)
+
+    def check_annotations(self, annotations: dict[str, dict[str, Any]]) -> dict[str, int]:
+        """Raise ValueError unless every column is a new, plain name and every id is a row of this
+        pool; return the number of rows annotated per column."""
+        ids = set(self.ds["id"])
+        for column, values in annotations.items():
+            if not isinstance(column, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", column) or column in COLUMNS:
+                raise ValueError(f"annotation column {column!r}: use a lower-case name that is not a provenance "
+                                 f"column ({', '.join(COLUMNS)})")
+            unknown = [i for i in values if i not in ids]
+            if unknown:
+                raise ValueError(f"annotation {column!r} names {len(unknown)} row id(s) not in the pool, "
+                                 f"e.g. {unknown[0]!r}")
+            bad = [v for v in values.values() if not isinstance(v, (str, int, float, bool, type(None)))
+                   or (isinstance(v, float) and not math.isfinite(v))]
+            if bad:
+                raise ValueError(f"annotation {column!r} holds {bad[0]!r}; values are finite numbers, strings, "
+                                 "booleans or None")
+        return {column: len(values) for column, values in annotations.items()}
 
     def save(self, path: Path) -> None:
         path = Path(path)

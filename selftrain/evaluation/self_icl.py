@@ -8,7 +8,8 @@ row and no label is read: only the evaluated item's input text and the task's la
 from __future__ import annotations
 
 from selftrain.errors import SelftrainError
-from selftrain.evaluation.harness import Demo, build_prompt, choice_logprobs, use_chat
+from selftrain.evaluation.harness import Demo, build_prompt, choice_logprobs
+from selftrain.modeling.chat import render_prompt, use_chat
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 from selftrain.tasks import TaskSpec
 
@@ -18,10 +19,8 @@ PLAIN = "Example input:\n{example}\n\nAnother example input, on a different subj
 
 
 def pseudo_input_prompt(example: str, tokenizer) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": INSTRUCTION.format(example=example)}],
-                                             tokenize=False, add_generation_prompt=True)
-    return PLAIN.format(example=example)
+    return render_prompt(tokenizer, INSTRUCTION.format(example=example), chat=use_chat("auto", tokenizer),
+                         plain=PLAIN.format(example=example))
 
 
 def self_icl_demos(model, tokenizer, task: TaskSpec, docs: list[dict], k: int, *, seed: int = 0,

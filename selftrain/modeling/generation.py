@@ -1,12 +1,12 @@
 """The generation backend: one interface, ``generate(prompts, sampling) -> texts``, that every
 stage which samples goes through. ``TransformersBackend`` works everywhere (batched, left
-padding, KV cache); faster backends (vLLM) plug in behind the same call.
+padding, KV cache); faster backends (vLLM) plug in behind the same call (any object with that
+``generate`` method will do).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -19,10 +19,6 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = 0
     stop: tuple[str, ...] = ()  # completions are cut at the first stop string
-
-
-class GenerationBackend(Protocol):
-    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]: ...
 
 
 class TransformersBackend:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from selftrain.stages.base import fmt
 from selftrain.workspace import Workspace, atomic_write_bytes, atomic_write_text
 
 
@@ -20,12 +21,6 @@ def stage_rows(manifest: dict) -> list[dict]:
             "attempts": e.get("attempts"), "reason": e.get("reason", ""),
         })
     return rows
-
-
-def _fmt(v, digits: int = 2) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def write_report(ws: Workspace) -> Path:
@@ -45,7 +40,7 @@ def write_report(ws: Workspace) -> Path:
     for k in ("heldout_ppl", "heldout_loss", "heldout_entropy", "distinct_1", "distinct_2", "repetition_rate",
               *task_keys):
         if k in base or k in final:
-            lines.append(f"| {k} | {_fmt(base.get(k), 3)} | {_fmt(final.get(k), 3)} |")
+            lines.append(f"| {k} | {fmt(base.get(k), 3)} | {fmt(final.get(k), 3)} |")
     acc_keys = [k for k in task_keys if k.endswith("_acc")]
     lines += ["", "## Stages", "", "| stage | decision | ppl before | ppl after | distinct-2 | "
               + "".join(f"{k} | " for k in acc_keys) + "seconds | reason |",
@@ -53,10 +48,10 @@ def write_report(ws: Workspace) -> Path:
     after_by_key = {e["key"]: e.get("metrics_after") or {} for e in manifest.get("stages", [])}
     for r in rows:
         after = after_by_key.get(r["stage"], {})
-        lines.append(f"| {r['stage']} | {r['decision']} | {_fmt(r['ppl_before'])} | {_fmt(r['ppl_after'])} | "
-                     f"{_fmt(r['distinct_2'], 3)} | " + "".join(f"{_fmt(after.get(k), 3)} | " for k in acc_keys)
-                     + f"{_fmt(r['seconds'], 1)} | {r['reason']} |")
-    lines += _stage_details(manifest)
+        lines.append(f"| {r['stage']} | {r['decision']} | {fmt(r['ppl_before'])} | {fmt(r['ppl_after'])} | "
+                     f"{fmt(r['distinct_2'], 3)} | " + "".join(f"{fmt(after.get(k), 3)} | " for k in acc_keys)
+                     + f"{fmt(r['seconds'], 1)} | {r['reason']} |")
+    lines += _stage_sections(manifest)
     for title, name in plots:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     lines += ["", "Full record: `manifest.json` (decisions), `metrics.jsonl` (every log line), "
@@ -66,46 +61,21 @@ def write_report(ws: Workspace) -> Path:
     return path
 
 
-def _stage_details(manifest: dict) -> list[str]:
-    """What the label-free stages made: pseudo-labels by round, self-written instructions."""
+def _stage_sections(manifest: dict) -> list[str]:
+    """Each stage's own section (``Stage.report``): the report knows no stage by name."""
+    from selftrain.stages import REGISTRY
+
     lines: list[str] = []
     for e in manifest.get("stages", []):
-        m = e.get("stage_metrics") or {}
-        if e.get("name") == "fewshot" and m.get("history"):
-            lines += ["", f"## {e['key']}: pseudo-label self-training on `{m.get('task')}`", "",
-                      f"{m.get('unlabelled')} unlabelled texts; accuracy measured on {m.get('measured')} rows "
-                      "set aside (their labels only measure).", "",
-                      "| round | pseudo-labels | per label | mean confidence | measured accuracy |",
-                      "|---|---|---|---|---|"]
-            for h in m["history"]:
-                per = ", ".join(f"{k} {v}" for k, v in (h.get("selected_per_label") or {}).items())
-                lines.append(f"| {h['round']} | {h.get('selected', '-')} | {per or '-'} | "
-                             f"{_fmt(h.get('mean_confidence'), 3)} | {_fmt(h.get('accuracy'), 3)} |")
-        if e.get("name") == "self_instruct" and "proposed" in m:
-            dropped = ", ".join(f"{k} {v}" for k, v in (m.get("dropped") or {}).items()) or "none"
-            lines += ["", f"## {e['key']}: self-instruct", "",
-                      f"{m['proposed']} instructions proposed, {m['accepted']} accepted; dropped: {dropped}."]
-            for ex in m.get("examples", [])[:3]:
-                response = " ".join(ex["response"].split())
-                lines.append(f"- *{ex['instruction']}* → {response[:160]}{'…' if len(response) > 160 else ''}")
-        if e.get("name") == "selfplay" and m.get("env"):
-            lines += _selfplay_details(e, m)
-    return lines
-
-
-def _selfplay_details(entry: dict, m: dict) -> list[str]:
-    """First vs last quarter of steps for every logged signal, the env's counts, the stage's plot."""
-    lines = ["", f"## {entry['key']}: self-play `{m['env']}` ({m.get('algorithm')})", ""]
-    firsts = sorted(k[:-len("/first")] for k in m if k.endswith("/first"))
-    if firsts:
-        lines += ["| signal | first quarter of steps | last quarter |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(m.get(k + '/first'), 3)} | {_fmt(m.get(k + '/last'), 3)} |" for k in firsts]
-    counts = {k: v for k, v in m.items() if k.endswith("_total") or k.startswith("skipped/")}
-    if counts:
-        lines += ["", "Counts: " + ", ".join(f"{k.removeprefix('env/')} {v}" for k, v in sorted(counts.items())) + "."]
-    for r in m.get("rounds", []):
-        lines.append("- round: " + ", ".join(f"{k} {_fmt(v, 3) if isinstance(v, float) else v}" for k, v in r.items()))
-    lines += ["", f"![{entry['key']}](stages/{entry['key']}/selfplay.png)"]
+        cls = REGISTRY.get(e.get("name"))
+        if cls is None or "stage_metrics" not in e:  # a stage this version lacks, or one that did not finish
+            continue
+        try:
+            body = cls().report(e)
+        except Exception as err:  # a report section must never cost the report
+            body = f"(this section failed: {type(err).__name__}: {err})"
+        if body:
+            lines += ["", f"## {e['key']}", "", body.strip()]
     return lines
 
 

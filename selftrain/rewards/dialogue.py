@@ -16,8 +16,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from selftrain.evaluation.harness import loglikelihoods, split_pair
-from selftrain.rewards.verifiers import completion_text
+from selftrain.modeling.scoring import loglikelihoods, split_pair
+from selftrain.rewards import completion_text
 
 
 def _lengths_match(name: str, completions, column) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from selftrain.errors import SelftrainError
-from selftrain.evaluation.harness import loglikelihoods, split_pair
-from selftrain.rewards.verifiers import completion_text
+from selftrain.modeling.chat import render_prompt
+from selftrain.modeling.scoring import loglikelihoods, split_pair
+from selftrain.rewards import completion_text
 
 JUDGE_PROMPT = (
     "Review the question and the answer below. Give the answer a score from 1 (useless, wrong or off-topic) "
@@ -41,10 +42,8 @@ class SelfJudge:
 
     def prompt(self, question: str, answer: str) -> str:
         text = JUDGE_PROMPT.format(question=question.strip(), answer=answer.strip()[:self.max_answer_chars])
-        if self.chat:
-            return self.tok.apply_chat_template([{"role": "user", "content": text + "Reply with the score only."}],
-                                                tokenize=False, add_generation_prompt=True)
-        return text + "Score (1-5):"
+        return render_prompt(self.tok, text + "Reply with the score only.", chat=self.chat,
+                             plain=text + "Score (1-5):")
 
     @torch.no_grad()
     def judge(self, questions: list[str], answers: list[str]) -> list[float]:

@@ -1,12 +1,17 @@
-"""One module per label-free method; each registers a Stage under its config name."""
+"""One module per label-free method; importing this package registers every stage (``@register``)."""
 
-from selftrain.stages.base import RunState, Stage, StageConfig, StageResult
-from selftrain.stages.fewshot import FewshotStage
-from selftrain.stages.pretrain import PretrainStage
-from selftrain.stages.self_instruct import SelfInstructStage
-from selftrain.stages.selfplay import SelfplayStage
+from selftrain.stages import fewshot, pretrain, self_instruct, selfplay  # noqa: F401  (they register)
+from selftrain.stages.base import (
+    REGISTRY,
+    RunState,
+    Stage,
+    StageConfig,
+    StageResult,
+    StageSpec,
+    register,
+    stage_fingerprint,
+    stage_specs,
+)
 
-REGISTRY: dict[str, type[Stage]] = {cls.name: cls for cls in (PretrainStage, FewshotStage, SelfInstructStage,
-                                                           SelfplayStage)}
-
-__all__ = ["REGISTRY", "RunState", "Stage", "StageConfig", "StageResult"]
+__all__ = ["REGISTRY", "RunState", "Stage", "StageConfig", "StageResult", "StageSpec", "register",
+           "stage_fingerprint", "stage_specs"]

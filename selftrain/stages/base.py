@@ -1,23 +1,75 @@
-"""The Stage contract shared by every method.
+"""The Stage contract (v2) shared by every method, and the registry of stages.
 
-A stage has a ``name``, a pydantic ``Config`` (every field with a one-line description), an
-optional ``preflight`` that rejects bad input before the run directory is touched, and
-``run(state, config) -> StageResult``. It reads the accepted checkpoint and the pool from
-``state``, writes only inside ``state.stage_dir``, and returns a new checkpoint (or None),
-pool additions (with provenance) and its own metrics. The runner evaluates, guards and commits.
+A stage is one module under ``selftrain/stages/``: a class decorated with ``@register``, with a
+pydantic ``Config`` (every field has a one-line ``description``; ``selftrain stages NAME`` prints
+them), capability flags the runner checks before anything is written (``requires_causal``), an
+optional ``preflight`` for input the stage cannot use, ``run(state, config) -> StageResult`` and
+``report(entry) -> markdown`` for its section of the run's report. Stages never import each other.
+
+``run`` reads the accepted checkpoint (``state.load_model()``), the pool with every earlier
+stage's annotation columns (``state.pool.ds``), earlier artefacts (``state.artefacts``) and
+auxiliary models (``state.auxiliary``); it writes only inside ``state.stage_dir`` and returns:
+
+- ``checkpoint``: a new model directory, or None when the model is unchanged;
+- ``additions``: new pool rows with provenance (``data.pool.make_examples``), capped by the guard;
+- ``annotations``: new columns on existing rows, ``{column: {row id: value}}`` (``cluster``,
+  ``duplicate_of``, ``difficulty``, ``weight``); versioned with the run like additions, and
+  visible to every later stage once the stage is accepted;
+- ``artefacts``: named files for later stages and the report (``{"cluster_map": path}``);
+- ``auxiliary``: named model directories a later stage may load (a trained discriminator);
+- ``metrics``: JSON-able numbers and lists, kept in the manifest and passed to ``report``.
+
+The runner evaluates the new checkpoint on held-out real text, and the guard accepts or rolls
+back the whole result. Training stages take a data-order policy (``selftrain.data.order``;
+random by default) so that a curriculum can drive any of them, and train through
+``selftrain.training`` (which also resumes a killed attempt from its Trainer checkpoints, for
+the main model and auxiliary ones alike). An example stage, complete::
+
+    from pydantic import Field
+
+    from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, register
+    from selftrain.workspace import atomic_write_text
+
+
+    class LengthConfig(StageConfig):
+        bins: int = Field(3, ge=2, description="Number of length classes.")
+
+
+    @register
+    class LengthStage(Stage):
+        \"\"\"Annotates every text with its length class (a toy difficulty).\"\"\"
+
+        name = "length"
+        Config = LengthConfig
+
+        def run(self, state: RunState, config: LengthConfig) -> StageResult:
+            ids, texts = state.pool.ds["id"], state.pool.ds["text"]
+            cuts = sorted(len(t) for t in texts)
+            edges = [cuts[len(cuts) * i // config.bins] for i in range(1, config.bins)]
+            length = {i: sum(len(t) > e for e in edges) for i, t in zip(ids, texts)}
+            histogram = state.stage_dir / "histogram.txt"
+            atomic_write_text(histogram, "\\n".join(str(len(t)) for t in texts))
+            return StageResult(annotations={"length": length}, artefacts={"lengths": histogram},
+                               metrics={"edges": edges})
+
+        def report(self, entry: dict) -> str:
+            return f"Length classes split at {entry['stage_metrics']['edges']} characters."
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from selftrain.config import RunConfig
+from selftrain.config import RunConfig, format_validation_error, unknown_name
 from selftrain.data.pool import Pool
+from selftrain.errors import SelftrainError
 from selftrain.modeling.factory import load_checkpoint
 
 
@@ -32,13 +84,15 @@ class RunState:
     config: RunConfig
     checkpoint: Path  # the last accepted model directory
     kind: str  # "causal" or "masked"
-    pool: Pool
-    heldout: list[str]  # held-out real texts: for measuring, never for training
+    pool: Pool  # every row so far, with the annotation columns of accepted stages
+    heldout: list[str]  # held-out real texts: to keep evaluation items out of training, never to train on
     seed: int
     round: int = 1
     stage_key: str = ""
     stage_dir: Path = Path(".")
     device: str = "cpu"
+    artefacts: dict[str, Path] = field(default_factory=dict)  # name -> file, from accepted stages
+    auxiliary: dict[str, Path] = field(default_factory=dict)  # name -> model directory, from accepted stages
     log: Callable[[dict], None] = lambda record: None
 
     def load_model(self):
@@ -51,12 +105,16 @@ class RunState:
 class StageResult:
     checkpoint: Path | None = None  # new model directory inside stage_dir, or None if unchanged
     additions: list[dict] = field(default_factory=list)  # pool rows with provenance columns
+    annotations: dict[str, dict[str, Any]] = field(default_factory=dict)  # column -> {row id: value}
+    artefacts: dict[str, Path] = field(default_factory=dict)  # name -> file inside stage_dir
+    auxiliary: dict[str, Path] = field(default_factory=dict)  # name -> model directory inside stage_dir
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class Stage:
     name: ClassVar[str]
     Config: ClassVar[type[StageConfig]]
+    requires_causal: ClassVar[bool] = False  # generates or scores continuations: refused for a masked LM
 
     def preflight(self, config: StageConfig, *, model, tokenizer, kind: str, train_texts: list[str]) -> None:
         """Raise SelftrainError for input this stage cannot use; called before anything is written."""
@@ -68,3 +126,67 @@ class Stage:
 
     def run(self, state: RunState, config: StageConfig) -> StageResult:
         raise NotImplementedError
+
+    def report(self, entry: dict) -> str:
+        """Markdown for this stage's section of report.md, from its manifest entry (``stage_metrics``,
+        ``artefacts`` as run-relative paths, ``decision``); empty for none."""
+        return ""
+
+
+def fmt(value, digits: int = 2) -> str:
+    """A number for a report table: ``-`` for none, floats to ``digits`` places."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------- the registry
+
+REGISTRY: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage available under ``cls.name`` in configs."""
+    if not (isinstance(getattr(cls, "name", None), str) and isinstance(getattr(cls, "Config", None), type)
+            and issubclass(cls.Config, StageConfig)):
+        raise TypeError(f"{cls.__name__}: a stage needs a `name` and a `Config` subclassing StageConfig")
+    if REGISTRY.get(cls.name, cls) is not cls:
+        raise TypeError(f"stage name {cls.name!r} is taken by {REGISTRY[cls.name].__qualname__}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class StageSpec:
+    """One validated stage entry: its registered name and its own config."""
+
+    name: str
+    config: StageConfig
+
+
+def stage_specs(config: RunConfig) -> list[StageSpec]:
+    """Validate each ``stages:`` entry against its stage's own Config (the one place that does)."""
+    specs = []
+    for i, entry in enumerate(config.stages):
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if len(entry) != 1:
+            raise SelftrainError(f"config error at stages[{i}]: each stage is one key, e.g. "
+                                 f"`- pretrain: {{max_steps: 100}}`; got keys {sorted(entry)}")
+        (name, options), = entry.items()
+        if name not in REGISTRY:
+            raise SelftrainError(f"config error at stages[{i}]: {unknown_name(name, REGISTRY, what='stage')}")
+        if options is not None and not isinstance(options, dict):
+            raise SelftrainError(f"config error at stages[{i}].{name}: expected a mapping of options")
+        cls = REGISTRY[name]
+        try:
+            specs.append(StageSpec(name=name, config=cls.Config(**(options or {}))))
+        except ValidationError as e:
+            raise SelftrainError(format_validation_error(e, cls.Config, f"stages[{i}].{name}")) from None
+    return specs
+
+
+def stage_fingerprint(spec: StageSpec) -> str:
+    """Hash of one stage's options (those not at their default), to tell if a finished one changed."""
+    dump = {"name": spec.name, "config": spec.config.model_dump(mode="json", exclude_defaults=True)}
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

@@ -28,12 +28,13 @@ from selftrain.evaluation.harness import (
     build_prompt,
     choice_logprobs,
     evaluate_task,
-    use_chat,
 )
+from selftrain.modeling.chat import use_chat
 from selftrain.modeling.factory import save_checkpoint
-from selftrain.stages.base import RunState, Stage, StageConfig, StageResult
-from selftrain.stages.sft import SFTOptions, sft_train
+from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
 from selftrain.tasks import TaskSpec, load_task
+from selftrain.training.adapters import check_adapter
+from selftrain.training.sft import SFTOptions, sft_train
 
 
 class FewshotConfig(StageConfig):
@@ -128,7 +129,7 @@ def select_balanced(pred: list[int], conf: list[float], n_labels: int, per_class
 
 def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotConfig, *, seed: int,
                device: str, work_dir: Path, log=lambda r: None, stage_key: str = "fewshot",
-               measured: list[dict] | None = None, console=None):
+               measured: list[dict] | None = None, console=None, report_to: str = "none"):
     """The whole loop; returns (model, selected examples, per-round history).
 
     ``measured`` rows (with gold labels) are only scored, before and after each round.
@@ -161,7 +162,7 @@ def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotC
         completions = [answer_prefix(task, chat) + labels[pred[i]] for i in picked]
         model, train_metrics = sft_train(model, tokenizer, prompts, completions, cfg.train,
                                          out_dir=work_dir / f"sft-round{rnd}", seed=seed + rnd, device=device,
-                                         log=log, stage_key=stage_key, append_eos=False)
+                                         log=log, stage_key=stage_key, append_eos=False, report_to=report_to)
         model.to(device)
         for i, p, c in zip(picked, prompts, completions):
             selected_all.append({"text": p + c, "label": labels[pred[i]], "confidence": round(conf[i], 4),
@@ -181,9 +182,11 @@ def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotC
     return model, selected_all, history
 
 
+@register
 class FewshotStage(Stage):
     name = "fewshot"
     Config = FewshotConfig
+    requires_causal = True  # scores label names as continuations
 
     def _inputs(self, cfg: FewshotConfig, task: TaskSpec, pool_texts: list[str], seed: int):
         if cfg.inputs == "pool":
@@ -194,8 +197,7 @@ class FewshotStage(Stage):
         return [t for _, t in load_documents(cfg.inputs, text_column=cfg.text_column)], None
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
-        if kind != "causal":
-            raise SelftrainError("fewshot scores label names with a causal LM; this run's model is a masked LM")
+        check_adapter(config.train.adapter, model)
         task = label_task(config.task, config.labels)
         texts, _ = self._inputs(config, task, train_texts, 0)
         if not texts:
@@ -217,7 +219,7 @@ class FewshotStage(Stage):
         model, selected, history = self_train(model, tokenizer, task, texts, config, seed=state.seed,
                                               device=state.device, work_dir=state.stage_dir, log=state.log,
                                               stage_key=state.stage_key, measured=measured,
-                                              console=Console(stderr=True))
+                                              console=Console(stderr=True), report_to=state.config.run.report_to)
         model_dir = save_checkpoint(model.cpu(), tokenizer, state.stage_dir / "model")
         additions = []
         if config.add_to_pool:
@@ -230,3 +232,17 @@ class FewshotStage(Stage):
         if measured:
             metrics.update(accuracy_before=history[0]["accuracy"], accuracy_after=history[-1]["accuracy"])
         return StageResult(checkpoint=model_dir, additions=additions, metrics=metrics)
+
+    def report(self, entry: dict) -> str:
+        m = entry["stage_metrics"]
+        if not m.get("history"):
+            return ""
+        lines = [f"Pseudo-label self-training on `{m.get('task')}`: {m.get('unlabelled')} unlabelled texts; accuracy "
+                 f"measured on {m.get('measured')} rows set aside (their labels only measure).", "",
+                 "| round | pseudo-labels | per label | mean confidence | measured accuracy |",
+                 "|---|---|---|---|---|"]
+        for h in m["history"]:
+            per = ", ".join(f"{k} {v}" for k, v in (h.get("selected_per_label") or {}).items())
+            lines.append(f"| {h['round']} | {h.get('selected', '-')} | {per or '-'} | "
+                         f"{fmt(h.get('mean_confidence'), 3)} | {fmt(h.get('accuracy'), 3)} |")
+        return "\n".join(lines)

@@ -19,10 +19,12 @@ from rich.console import Console
 
 from selftrain.data.pool import make_examples
 from selftrain.errors import SelftrainError
+from selftrain.modeling.chat import render_prompt, use_chat
 from selftrain.modeling.factory import save_checkpoint
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
-from selftrain.stages.base import RunState, Stage, StageConfig, StageResult
-from selftrain.stages.sft import SFTOptions, sft_train
+from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, register
+from selftrain.training.adapters import check_adapter
+from selftrain.training.sft import SFTOptions, sft_train
 
 MAX_SEEDS = 8
 
@@ -128,34 +130,32 @@ def proposal_prompt(tasks: list[str]) -> str:
 
 
 def response_prompt(instruction: str, tokenizer, chat: bool) -> str:
-    if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
-                                             add_generation_prompt=True)
-    return f"Instruction: {instruction}\nResponse:"
+    return render_prompt(tokenizer, instruction, chat=chat, plain=f"Instruction: {instruction}\nResponse:")
 
 
 def pair_text(instruction: str, response: str) -> str:
     return f"Instruction: {instruction}\nResponse: {response}"
 
 
+@register
 class SelfInstructStage(Stage):
     name = "self_instruct"
     Config = SelfInstructConfig
+    requires_causal = True  # writes instructions and responses
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
-        if kind != "causal":
-            raise SelftrainError("self_instruct generates text with a causal LM; this run's model is a masked LM")
         if len(config.seed_tasks) > MAX_SEEDS:
             raise SelftrainError(f"self_instruct takes at most {MAX_SEEDS} seed tasks (a handful); "
                                  f"got {len(config.seed_tasks)}")
         if not config.seed_tasks:
             raise SelftrainError("self_instruct needs at least one seed task")
-        if config.chat is True and not getattr(tokenizer, "chat_template", None):
-            raise SelftrainError("self_instruct.chat=true, but the tokenizer has no chat template")
+        if config.train is not None:
+            check_adapter(config.train.adapter, model)
+        use_chat(config.chat, tokenizer, what="self_instruct.chat")
 
     def run(self, state: RunState, config: SelfInstructConfig) -> StageResult:
         model, tokenizer = state.load_model()
-        chat = bool(getattr(tokenizer, "chat_template", None)) if config.chat == "auto" else config.chat
+        chat = use_chat(config.chat, tokenizer, what="self_instruct.chat")
         rng = random.Random(state.seed)
         backend = TransformersBackend(model, tokenizer, batch_size=config.batch_size)
         seeds = [s.instruction for s in config.seed_tasks]
@@ -216,10 +216,23 @@ class SelfInstructStage(Stage):
             completions = [("" if chat else " ") + a["response"] for a in accepted]
             model, train_metrics = sft_train(model, tokenizer, prompts, completions, config.train,
                                              out_dir=state.stage_dir / "sft", seed=state.seed, device=state.device,
-                                             log=state.log, stage_key=state.stage_key)
+                                             log=state.log, stage_key=state.stage_key,
+                                             report_to=state.config.run.report_to)
             metrics.update(train_metrics)
             checkpoint = save_checkpoint(model.cpu(), tokenizer, state.stage_dir / "model")
         additions = make_examples([pair_text(a["instruction"], a["response"]) for a in accepted],
                                   origin="self_instruct", op="instruction", stage=state.stage_key,
                                   round=state.round, metas=accepted)
         return StageResult(checkpoint=checkpoint, additions=additions, metrics=metrics)
+
+    def report(self, entry: dict) -> str:
+        m = entry["stage_metrics"]
+        if "proposed" not in m:
+            return ""
+        dropped = ", ".join(f"{k} {v}" for k, v in (m.get("dropped") or {}).items()) or "none"
+        lines = [f"Self-instruct: {m['proposed']} instructions proposed, {m['accepted']} accepted; dropped: "
+                 f"{dropped}.", ""]
+        for ex in m.get("examples", [])[:3]:
+            response = " ".join(ex["response"].split())
+            lines.append(f"- *{ex['instruction']}* → {response[:160]}{'…' if len(response) > 160 else ''}")
+        return "\n".join(lines)

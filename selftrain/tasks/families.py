@@ -18,13 +18,13 @@ drops proposals inside it, so no evaluation item is ever a training problem.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass
 
 from selftrain.errors import SelftrainError
 from selftrain.sandbox import SandboxLimits, run_python
+from selftrain.tasks.answers import ARITHMETIC_OPS, answer_matches, arithmetic, operand_range
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,6 @@ class Problem:
     question: str  # what the solver is asked, without the answer format instruction
     answer: str  # computed by the family, never by the model
     key: str  # canonical form, for deduplication and the replay buffer
-
-
-_NUM = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def final_number(text: str) -> float | None:
-    """The last number in ``text`` (a solver may restate the question before answering)."""
-    found = _NUM.findall(text.replace(",", ""))
-    return float(found[-1]) if found else None
 
 
 class Family:
@@ -86,10 +77,10 @@ class Arithmetic(Family):
     name = "arithmetic"
 
     def __init__(self, digits: int = 2, ops: tuple[str, ...] = ("+",)):
-        if not ops or any(op not in "+-*" for op in ops):
+        if not ops or any(op not in ARITHMETIC_OPS for op in ops):
             raise SelftrainError(f"arithmetic ops must be some of + - *, got {ops!r}")
         self.digits, self.ops = digits, tuple(ops)
-        self.lo, self.hi = (10 ** (digits - 1) if digits > 1 else 0), 10 ** digits - 1
+        self.lo, self.hi = operand_range(digits)
         words = {"+": "addition", "-": "subtraction", "*": "multiplication"}
         kinds = " or ".join(words[o] for o in self.ops)
         self.proposer_instruction = (
@@ -105,8 +96,7 @@ class Arithmetic(Family):
         op = "*" if op in "xX×" else op
         if op not in self.ops or not all(self.lo <= v <= self.hi for v in (a, b)):
             return None  # outside the family: wrong size or operator
-        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        return Problem(f"{a} {op} {b}", str(answer), f"{a}{op}{b}")
+        return Problem(f"{a} {op} {b}", str(arithmetic(a, op, b)), f"{a}{op}{b}")
 
     def example(self, p: Problem) -> str:
         return f"What is {p.question}?"
@@ -116,8 +106,7 @@ class Arithmetic(Family):
 
     def check(self, completion: str, p: Problem) -> bool:
         """The last number of the first line: "23 + 45 = 68" counts; what follows a newline does not."""
-        got = final_number(completion.strip().split("\n")[0])
-        return got is not None and math.isclose(got, float(p.answer))
+        return answer_matches(completion.strip().split("\n")[0], p.answer, match="final_number")
 
     def canonical(self, p: Problem) -> str:
         """``a op b`` with the operands ordered for the commutative ops: 45+23 and 23+45 are one item."""

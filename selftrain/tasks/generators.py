@@ -13,21 +13,21 @@ from collections import Counter
 from pathlib import Path
 
 from selftrain.errors import SelftrainError
+from selftrain.tasks import answers
 
 
 def arithmetic(*, texts=None, n: int = 200, digits: int = 2, ops: tuple[str, ...] = ("+",),
                seed: int = 1234) -> list[dict]:
     """``a op b`` with operands of ``digits`` digits; the answer is computed, never annotated."""
     rng = random.Random(seed)
-    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
+    lo, hi = answers.operand_range(digits)
     rows, seen = [], set()
     while len(rows) < n:
         a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(list(ops))
         if (a, op, b) in seen:
             continue
         seen.add((a, op, b))
-        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        rows.append({"question": f"{a} {op} {b}", "answer": str(answer)})
+        rows.append({"question": f"{a} {op} {b}", "answer": str(answers.arithmetic(a, op, b))})
     return rows
 
 

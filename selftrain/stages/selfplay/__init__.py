@@ -24,7 +24,8 @@ from rich.console import Console
 
 from selftrain.errors import SelftrainError
 from selftrain.modeling.factory import save_checkpoint
-from selftrain.stages.base import RunState, Stage, StageConfig, StageResult
+from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
+from selftrain.training.adapters import LoraOptions, check_adapter
 
 GRPO_ENVS = ("tasks", "dialogue")
 DPO_ENVS = ("self_reward", "spin")
@@ -58,6 +59,8 @@ class SelfplayConfig(StageConfig):
     generation_batch_size: int = Field(64, ge=1, description="Prompts sampled together by the generation backend.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the device has it.")
     chat: bool | Literal["auto"] = Field("auto", description="Render prompts with the chat template where the model has one.")
+    adapter: LoraOptions | None = Field(
+        None, description="LoRA adapter ({type: lora, r, alpha, dropout, target_modules}), merged on save; null: full fine-tuning.")
     # --- env: tasks
     family: Literal["arithmetic", "strings", "python"] = Field("arithmetic", description="tasks: the verifiable task family.")
     family_options: dict[str, Any] = Field(default_factory=dict, description="tasks: options of the family (e.g. digits: 2, ops: ['+']).")
@@ -112,16 +115,17 @@ class SelfplayConfig(StageConfig):
         return "grpo" if self.env in GRPO_ENVS else "dpo"
 
 
+@register
 class SelfplayStage(Stage):
     name = "selfplay"
     Config = SelfplayConfig
+    requires_causal = True  # plays by generating
 
     def runs_model_code(self, config) -> bool:
         return config.env == "tasks" and config.family == "python"
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
-        if kind != "causal":
-            raise SelftrainError("selfplay needs a causal LM (it generates); this run's model is masked")
+        check_adapter(config.adapter, model)
         if config.env == "tasks":
             from selftrain.tasks.families import make_family
 
@@ -139,21 +143,23 @@ class SelfplayStage(Stage):
         console = Console(stderr=True)
         model, tokenizer = state.load_model()
         if config.optimiser == "grpo":
-            from selftrain.stages.selfplay.grpo import grpo_train
+            from selftrain.stages.selfplay.grpo import grpo_options
+            from selftrain.training.grpo import grpo_train
 
             env, rewards = self._grpo_env(config, model, tokenizer, state)
             console.print(f"selfplay/{config.env}: GRPO, {config.max_steps} steps × {config.groups_per_step} groups "
                           f"× {config.num_generations}; rewards {', '.join(f'{k}×{w}' for k, (_, w) in rewards.items())}")
             try:
-                model, records, guarded = grpo_train(model, tokenizer, env, rewards, opts=config,
+                model, records, guarded = grpo_train(model, tokenizer, env, rewards, opts=grpo_options(config),
                                                      out_dir=state.stage_dir / "trainer", seed=state.seed,
-                                                     log=state.log, stage_key=state.stage_key)
+                                                     log=state.log, stage_key=state.stage_key,
+                                                     report_to=state.config.run.report_to)
             except SelftrainError as e:  # a reward that keeps failing is a failed stage (rolled back), not bad input
                 raise RuntimeError(str(e)) from e
             metrics = env_summary(env, records, rewards, guarded)
         else:
-            from selftrain.stages.selfplay.grpo import summarize
             from selftrain.stages.selfplay.preference import dpo_selfplay
+            from selftrain.training.grpo import summarize
 
             model, records, metrics = dpo_selfplay(model, tokenizer, state, config, console)
             metrics.update(summarize(records, ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
@@ -164,13 +170,35 @@ class SelfplayStage(Stage):
         _write_steps(state.stage_dir, records)
         from selftrain.stages.selfplay.plots import plot_steps
 
-        plot_steps(records, state.stage_dir / "selfplay.png", title=f"selfplay/{config.env}")
+        plot = plot_steps(records, state.stage_dir / "selfplay.png", title=f"selfplay/{config.env}")
         ckpt = save_checkpoint(model, tokenizer, state.stage_dir / "checkpoint")
-        return StageResult(checkpoint=ckpt, metrics={"env": config.env, "algorithm": config.optimiser, **metrics})
+        return StageResult(checkpoint=ckpt, artefacts={"selfplay_plot": plot} if plot else {},
+                           metrics={"env": config.env, "algorithm": config.optimiser, **metrics})
+
+    def report(self, entry: dict) -> str:
+        """First vs last quarter of steps for every logged signal, the env's counts, the plot."""
+        m = entry["stage_metrics"]
+        if not m.get("env"):
+            return ""
+        lines = [f"Self-play `{m['env']}` ({m.get('algorithm')}).", ""]
+        firsts = sorted(k[:-len("/first")] for k in m if k.endswith("/first"))
+        if firsts:
+            lines += ["| signal | first quarter of steps | last quarter |", "|---|---|---|"]
+            lines += [f"| {k} | {fmt(m.get(k + '/first'), 3)} | {fmt(m.get(k + '/last'), 3)} |" for k in firsts]
+        counts = {k: v for k, v in m.items() if k.endswith("_total") or k.startswith("skipped/")}
+        if counts:
+            lines += ["", "Counts: " + ", ".join(f"{k.removeprefix('env/')} {v}" for k, v in sorted(counts.items()))
+                      + "."]
+        for r in m.get("rounds", []):
+            lines.append("- round: " + ", ".join(f"{k} {fmt(v, 3) if isinstance(v, float) else v}"
+                                                 for k, v in r.items()))
+        if (entry.get("artefacts") or {}).get("selfplay_plot"):
+            lines += ["", f"![{entry['key']}]({entry['artefacts']['selfplay_plot']})"]
+        return "\n".join(lines)
 
     @staticmethod
     def _grpo_env(config, model, tokenizer, state):
-        from selftrain.evaluation.harness import use_chat
+        from selftrain.modeling.chat import use_chat
 
         chat = use_chat(config.chat, tokenizer)
         if config.env == "tasks":
@@ -203,7 +231,7 @@ class SelfplayStage(Stage):
 
 
 def env_summary(env, records, rewards, guarded) -> dict:
-    from selftrain.stages.selfplay.grpo import summarize
+    from selftrain.training.grpo import summarize
 
     keys = [f"rewards/{name}/mean" for name in rewards] + ["kl", "env/solve_rate", "env/proposal_difficulty",
                                                             "env/valid_proposals", "completions/clipped_ratio"]

@@ -17,8 +17,9 @@ from pathlib import Path
 import yaml
 
 from selftrain.errors import SelftrainError
+from selftrain.modeling.chat import render_prompt
 from selftrain.rewards.dialogue import Coherence, Embedder, Relevance, non_repetition
-from selftrain.stages.selfplay.grpo import EnvMetrics
+from selftrain.stages.selfplay.env import EnvMetrics
 
 MAX_TURNS = 6
 
@@ -83,8 +84,7 @@ class DialogueEnv(EnvMetrics):
         shown = turns[-self.turns:]
         if self.chat:
             roles = ["user" if (len(shown) - i) % 2 else "assistant" for i in range(len(shown))]
-            return self.tok.apply_chat_template([{"role": r, "content": t} for r, t in zip(roles, shown)],
-                                                tokenize=False, add_generation_prompt=True)
+            return render_prompt(self.tok, [{"role": r, "content": t} for r, t in zip(roles, shown)], chat=True)
         speakers = ["A" if (len(shown) - i) % 2 else "B" for i in range(len(shown))]
         return "".join(f"{s}: {t}\n" for s, t in zip(speakers, shown)) + "B:"
 

@@ -12,26 +12,20 @@ TRL's ``DPOTrainer``, for ``rounds`` generate-then-train iterations (both papers
 from __future__ import annotations
 
 import random
-import shutil
 
-import datasets
 import torch
 
 from selftrain.errors import SelftrainError
-from selftrain.evaluation.harness import use_chat
+from selftrain.modeling.chat import render_prompt, use_chat
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 from selftrain.rewards.judge import SelfJudge
-from selftrain.stages.pretrain import resolve_precision
-from selftrain.stages.selfplay.grpo import SCHEDULES, StepRecorder
+from selftrain.training.dpo import DPOOptions, dpo_train
 
 QUESTION_ASK = "Write one question that a curious person might ask about {topic}. Write only the question."
 
 
 def _render(tokenizer, text: str, chat: bool) -> str:
-    if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return f"Question: {text}\nAnswer:"
+    return render_prompt(tokenizer, text, chat=chat, plain=f"Question: {text}\nAnswer:")
 
 
 # ---------------------------------------------------------------------- self_reward
@@ -103,25 +97,11 @@ def spin_pairs(model, tokenizer, texts: list[str], config, *, seed: int) -> tupl
 
 
 # ---------------------------------------------------------------------- DPO
-def dpo_train(model, tokenizer, pairs: list[dict], config, *, out_dir, seed: int, log, stage_key: str):
-    from trl import DPOConfig, DPOTrainer
-
-    precision = resolve_precision(config.precision, model.device.type)
-    args = DPOConfig(
-        output_dir=str(out_dir), max_steps=config.max_steps, learning_rate=config.learning_rate,
-        per_device_train_batch_size=min(config.batch_size, len(pairs)), beta=config.dpo_beta,
-        lr_scheduler_type=SCHEDULES[config.lr_scheduler], warmup_steps=config.warmup_steps, logging_steps=1,
-        save_strategy="no", report_to=[], seed=seed, bf16=precision == "bf16", fp16=precision == "fp16",
-        gradient_checkpointing=False, use_cpu=model.device.type == "cpu", dataloader_num_workers=0,
-        max_length=getattr(model.config, "max_position_embeddings", 1024),
-    )
-    data = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    recorder = StepRecorder(None, log, stage_key, [])
-    trainer.add_callback(recorder)
-    trainer.train()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return trainer.model, recorder.records
+def dpo_options(config) -> DPOOptions:
+    """``DPOOptions`` from a ``SelfplayConfig`` (DPO itself: ``selftrain.training.dpo``)."""
+    return DPOOptions(max_steps=config.max_steps, learning_rate=config.learning_rate, batch_size=config.batch_size,
+                      beta=config.dpo_beta, lr_scheduler=config.lr_scheduler, warmup_steps=config.warmup_steps,
+                      precision=config.precision, adapter=config.adapter)
 
 
 def dpo_selfplay(model, tokenizer, state, config, console):
@@ -142,8 +122,9 @@ def dpo_selfplay(model, tokenizer, state, config, console):
             stats["skipped"] = "no preference pairs"
             metrics["rounds"].append(stats)
             continue
-        model, steps = dpo_train(model, tokenizer, pairs, config, out_dir=state.stage_dir / f"dpo-{rnd + 1}",
-                                 seed=seed, log=state.log, stage_key=state.stage_key)
+        model, steps = dpo_train(model, tokenizer, pairs, dpo_options(config), out_dir=state.stage_dir / f"dpo-{rnd + 1}",
+                                 seed=seed, log=state.log, stage_key=state.stage_key,
+                                 report_to=state.config.run.report_to)
         offset = records[-1]["step"] if records else 0
         records += [{**r, "step": r["step"] + offset, "round": rnd + 1} for r in steps]
         last = steps[-1] if steps else {}

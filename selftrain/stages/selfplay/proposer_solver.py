@@ -23,7 +23,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from selftrain.stages.selfplay.grpo import EnvMetrics
+from selftrain.modeling.chat import render_prompt
+from selftrain.stages.selfplay.env import EnvMetrics
 from selftrain.tasks.families import Problem
 
 
@@ -71,10 +72,7 @@ class ProposerSolverEnv(EnvMetrics):
 
     # ------------------------------------------------------------------ prompts
     def render(self, user_text: str) -> str:
-        if self.chat:
-            return self.tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                                add_generation_prompt=True)
-        return f"{user_text}\n"
+        return render_prompt(self.tok, user_text, chat=self.chat, plain=f"{user_text}\n")
 
     def solver_prompt(self, p: Problem) -> str:
         return self.render(self.family.solver_question(p)) if self.chat else \

@@ -1,0 +1,75 @@
+"""Data-order policies: in which order a training stage sees its texts.
+
+``random`` is the trainer's own shuffle. ``ascending`` / ``descending`` sort the texts by a pool
+annotation column (``difficulty`` from a curriculum, say) and train them in that order; rows no
+stage annotated (None) come last either way, and ties keep pool order. ``weighted`` draws as
+many texts as there are, with replacement, each with probability proportional to the column's
+value (``weight``), by a seeded draw.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Literal
+
+import datasets
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from selftrain.errors import SelftrainError
+
+
+class OrderOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["random", "ascending", "descending", "weighted"] = Field(
+        "random", description="random (shuffled), ascending / descending by `column`, or weighted draws by `column`.")
+    column: str | None = Field(None, description="Pool annotation column that sorts or weighs the texts (e.g. difficulty, weight).")
+
+    @model_validator(mode="after")
+    def _column_given(self):
+        if self.policy != "random" and not self.column:
+            raise ValueError(f"order.policy={self.policy} needs order.column (a pool annotation column)")
+        return self
+
+
+def column_values(ds: datasets.Dataset, column: str, rows: Sequence[int] | None = None) -> list:
+    """``column``'s values for ``rows`` of ``ds`` (all rows by default); SelftrainError if it is missing."""
+    if column not in ds.column_names:
+        raise SelftrainError(f"order.column {column!r} is not a pool column; the pool has "
+                             f"{', '.join(ds.column_names)} (annotation columns come from earlier stages)")
+    values = list(ds[column])
+    return values if rows is None else [values[i] for i in rows]
+
+
+def order_of(values: Sequence, policy: str, seed: int) -> list[int] | None:
+    """Positions into ``values`` in the order ``policy`` trains them; None for ``random``."""
+    if policy == "random":
+        return None
+    known = [i for i, v in enumerate(values) if v is not None]
+    if policy in ("ascending", "descending"):
+        try:
+            ranked = sorted(known, key=lambda i: values[i], reverse=policy == "descending")  # stable: ties keep order
+        except TypeError:
+            kinds = sorted({type(values[i]).__name__ for i in known})
+            raise SelftrainError(f"order.policy={policy}: the column mixes values that do not sort together "
+                                 f"({', '.join(kinds)})") from None
+        return ranked + [i for i, v in enumerate(values) if v is None]
+    if policy == "weighted":
+        weights = [0.0 if v is None else v for v in values]
+        if not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
+            bad = next(w for w in weights if not isinstance(w, (int, float)) or w < 0)
+            raise SelftrainError(f"order.policy=weighted needs weights >= 0; the column holds {bad!r}")
+        if not any(weights):
+            raise SelftrainError("order.policy=weighted: every weight is 0 or missing; nothing could be drawn")
+        return random.Random(seed).choices(range(len(values)), weights=weights, k=len(values))
+    raise SelftrainError(f"unknown order policy {policy!r}")
+
+
+def pool_order(ds: datasets.Dataset, options: OrderOptions, seed: int,
+               rows: Sequence[int] | None = None) -> list[int] | None:
+    """The training order of ``rows`` of the pool dataset ``ds`` (positions into ``rows``, or into
+    ``ds`` when ``rows`` is None) under ``options``; None for random."""
+    if options.policy == "random":
+        return None
+    return order_of(column_values(ds, options.column, rows), options.policy, seed)

@@ -1,0 +1,172 @@
+"""GRPO through TRL for environments that play themselves (self-play).
+
+An environment supplies a *rollout*: given the trainer's batch of prompt slots it generates
+(through our generation backend), builds whatever prompts it plays (a proposer prompt, a solver
+prompt, the next turn of a dialogue) and returns token ids plus per-completion columns that the
+reward functions read. TRL does the rest: group-relative advantages, the clipped loss, the KL to
+the reference model when ``beta > 0`` (with an adapter: the model with the adapter switched off),
+weighted sums of several rewards.
+
+Rewards are wrapped by ``GuardedReward``: a reward function that raises or returns the wrong
+number of values has that batch skipped (its rewards are None, i.e. no signal) and counted; only
+after ``max_failures`` such batches does training stop, with the last error in the message.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+from selftrain.errors import SelftrainError
+from selftrain.modeling.generation import SamplingParams, TransformersBackend
+from selftrain.training.adapters import LoraOptions, lora_config, merge
+from selftrain.training.arguments import SCHEDULES, build_arguments
+from selftrain.training.callbacks import StepRecorder
+from selftrain.training.precision import resolve_precision
+from selftrain.training.sampling import OrderedSampling, Reindexed, check_order
+from selftrain.training.tracking import train_and_clean
+
+
+@dataclass
+class GRPOOptions:
+    max_steps: int = 50  # optimizer steps
+    learning_rate: float = 1e-5
+    groups_per_step: int = 4  # prompt groups per step
+    num_generations: int = 8  # completions per group
+    completion_tokens: int = 16  # token cap of a completion
+    temperature: float = 0.7  # sampling temperature of rollouts (TRL scores with the same)
+    beta: float = 0.0  # KL penalty to the start model (0 loads no reference)
+    loss_type: str = "dapo"  # TRL's loss normalisation: grpo, dr_grpo, dapo, bnpo
+    scale_rewards: str = "group"  # divide advantages by the std of: group, batch, none
+    lr_scheduler: str = "cosine"  # cosine, linear, constant
+    warmup_steps: int = 0
+    max_reward_failures: int = 5  # batches a reward may fail before training stops
+    generation_batch_size: int = 64  # prompts the backend samples together
+    precision: str = "auto"
+    adapter: LoraOptions | None = None  # LoRA, merged after training; None: full fine-tuning
+
+
+class GuardedReward:
+    """A reward function that fails soft: errors become skipped samples, counted in ``failures``."""
+
+    def __init__(self, fn: Callable, name: str, max_failures: int):
+        self.fn, self.__name__, self.max_failures = fn, name, max_failures
+        self.failures, self.skipped, self.last_error = 0, 0, ""
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        n = len(completions)
+        try:
+            values = list(self.fn(prompts, completions, **columns))
+            if len(values) != n:
+                raise ValueError(f"returned {len(values)} values for {n} completions")
+            values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values]
+        except Exception as e:  # a broken reward must not end the run on the first batch
+            self.failures += 1
+            self.skipped += n
+            self.last_error = f"{type(e).__name__}: {e}"
+            if self.failures >= self.max_failures:
+                raise SelftrainError(f"reward function {self.__name__!r} failed on {self.failures} batches "
+                                     f"(last: {self.last_error})") from e
+            return [None] * n
+        return values
+
+
+def backend_rollout(env, sampling: SamplingParams, batch_size: int, autocast_dtype=None):
+    """TRL ``rollout_func``: the environment plays with a backend over the trainer's current model.
+
+    ``autocast_dtype`` (bf16 on CPUs that have it) roughly halves sampling time; it is entered and
+    left around each rollout, so the weights it casts are always the ones just updated."""
+
+    def rollout(prompts: list, trainer) -> dict:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        backend = TransformersBackend(model, trainer.processing_class, batch_size=batch_size)
+        start = time.perf_counter()
+        with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = env.rollout(len(prompts) // trainer.num_generations, trainer.num_generations, backend, sampling)
+        env.rollout_seconds += time.perf_counter() - start
+        if len(out["completion_ids"]) != len(prompts):
+            raise RuntimeError(f"environment returned {len(out['completion_ids'])} completions for {len(prompts)} slots")
+        return {"logprobs": None, **out}
+
+    return rollout
+
+
+@functools.cache
+def _trainer_class():
+    from trl import GRPOTrainer
+    from trl.trainer.utils import RepeatSampler
+
+    class OrderedGRPOTrainer(OrderedSampling, GRPOTrainer):
+        def ordered_sampler(self, order):  # TRL's repeated groups, over the slots in ``order``
+            return Reindexed(RepeatSampler(
+                data_source=order, mini_repeat_count=self.num_generations,
+                batch_size=self.args.generation_batch_size // self.num_generations,
+                repeat_count=self.num_iterations * self.args.steps_per_generation, shuffle=False), order)
+
+    return OrderedGRPOTrainer
+
+
+def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]], *, opts: GRPOOptions,
+               out_dir: Path, seed: int, log: Callable[[dict], None] = lambda r: None, stage_key: str = "",
+               callbacks: list | None = None, report_to: str = "none",
+               order: Sequence[int] | None = None) -> tuple[object, list[dict], list[GuardedReward]]:
+    """Run GRPO for ``opts.max_steps`` steps; return (the trained plain model, per-step records,
+    guarded rewards). ``env`` has ``rollout(groups, g, backend, sampling)`` and the ``EnvMetrics``
+    bookkeeping; ``rewards`` maps a name to (function, weight). ``callbacks`` are extra
+    ``TrainerCallback``s (a bench's time budget and learning curve). The dataset is one placeholder
+    row per slot (``groups_per_step * max_steps``); ``order`` lists slot indices (None: in turn)."""
+    from trl import GRPOConfig
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is what lets our backend generate
+    device = str(model.device.type)
+    precision = resolve_precision(opts.precision, device)
+    groups, g = opts.groups_per_step, opts.num_generations
+    # One placeholder row per slot: the environment, not the dataset, decides what each slot plays.
+    slots = datasets.Dataset.from_dict({"prompt": [f"slot {i}" for i in range(groups * max(1, opts.max_steps))]})
+    order = check_order(order, len(slots))
+    guarded = [GuardedReward(fn, name, opts.max_reward_failures) for name, (fn, _) in rewards.items()]
+    args = build_arguments(
+        GRPOConfig, output_dir=out_dir, seed=seed, precision=precision, device=device, report_to=report_to,
+        max_steps=opts.max_steps, learning_rate=opts.learning_rate, per_device_train_batch_size=groups * g,
+        gradient_accumulation_steps=1, num_generations=g, max_completion_length=opts.completion_tokens,
+        temperature=opts.temperature, beta=opts.beta, reward_weights=[w for _, w in rewards.values()],
+        loss_type=opts.loss_type, scale_rewards=opts.scale_rewards, lr_scheduler_type=SCHEDULES[opts.lr_scheduler],
+        warmup_steps=opts.warmup_steps, logging_steps=1, save_strategy="no", disable_tqdm=False,
+        shuffle_dataset=False,
+    )
+    sampling = SamplingParams(max_new_tokens=opts.completion_tokens, temperature=opts.temperature,
+                              top_p=1.0, seed=None)  # no reseeding: fresh samples every step
+    trainer = _trainer_class()(
+        model=model, reward_funcs=guarded, args=args, train_dataset=slots, processing_class=tokenizer,
+        rollout_func=backend_rollout(env, sampling, batch_size=opts.generation_batch_size,
+                                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None),
+        peft_config=lora_config(opts.adapter, model) if opts.adapter else None, order=order)
+    recorder = StepRecorder(env, log, stage_key, guarded)
+    train_and_clean(trainer, out_dir, [recorder, *(callbacks or [])])
+    return merge(trainer.model), recorder.records, guarded
+
+
+def summarize(records: list[dict], keys: list[str]) -> dict:
+    """First and last values (mean of the first/last quarter of steps) of each metric, for the report."""
+    out: dict = {}
+    if not records:
+        return out
+    q = max(1, len(records) // 4)
+    by_key = defaultdict(list)
+    for r in records:
+        for k in keys:
+            if isinstance(r.get(k), (int, float)) and not math.isnan(r[k]):
+                by_key[k].append(r[k])
+    for k, values in by_key.items():
+        out[f"{k}/first"] = round(sum(values[:q]) / len(values[:q]), 4)
+        out[f"{k}/last"] = round(sum(values[-q:]) / len(values[-q:]), 4)
+    return out

@@ -1,0 +1,78 @@
+"""An explicit order of the training rows, through the Trainer's own sampler hook.
+
+``OrderedSampling`` goes first in a trainer class's bases (``class LMTrainer(OrderedSampling,
+Trainer)``); with ``order`` set, the training dataloader yields exactly those row indices, in
+that order (repeated each epoch), instead of the trainer's shuffle. Everything else (batching,
+gradient accumulation, distributed sharding, resuming mid-epoch) stays the trainer's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+from torch.utils.data import Sampler
+
+from selftrain.errors import SelftrainError
+
+
+class FixedOrder(Sampler[int]):
+    """Yields the given indices, in order."""
+
+    def __init__(self, order: Sequence[int]):
+        self.order = list(order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class Reindexed(Sampler[int]):
+    """``order[i]`` for each ``i`` an inner sampler yields over positions ``0..len(order)-1``: keeps
+    a trainer's own sampling pattern (TRL's repeated GRPO groups) but walks rows in ``order``."""
+
+    def __init__(self, inner: Sampler, order: Sequence[int]):
+        self.inner, self.order = inner, list(order)
+
+    def __iter__(self):
+        return (self.order[i] for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class OrderedSampling:
+    """Trainer mixin: ``order`` (row indices) replaces the trainer's random train sampler."""
+
+    def __init__(self, *args, order: Sequence[int] | None = None, **kwargs):
+        self.order = None if order is None else list(order)
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.order is None:
+            return super()._get_train_sampler(*args, **kwargs)
+        return self.ordered_sampler(self.order)
+
+    def ordered_sampler(self, order: list[int]) -> Sampler:
+        return FixedOrder(order)
+
+
+@functools.cache
+def ordered(trainer_cls: type) -> type:
+    """``trainer_cls`` with ``OrderedSampling`` mixed in (for trainers imported lazily, as TRL's)."""
+    return type(f"Ordered{trainer_cls.__name__}", (OrderedSampling, trainer_cls), {})
+
+
+def check_order(order: Sequence[int] | None, n_rows: int) -> list[int] | None:
+    """The order as a list, or SelftrainError if it is empty or names a row that does not exist."""
+    if order is None:
+        return None
+    order = [int(i) for i in order]
+    if not order:
+        raise SelftrainError("the training order is empty")
+    bad = [i for i in order if not 0 <= i < n_rows]
+    if bad:
+        raise SelftrainError(f"the training order names row {bad[0]}, but there are {n_rows} training rows")
+    return order
