@@ -315,6 +315,8 @@ def config(
     from selftrain.config import RunConfig, load_config
 
     with user_errors():
+        if (schema or options) and (path or set_):
+            raise SelftrainError("--schema and --options describe every config: give no config file or --set")
         if options:
             from selftrain.stages.schema import option_rows
 

@@ -224,6 +224,9 @@ def apply_override(raw: dict, item: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise SelftrainError(f"--set has an empty key: {item!r}")
+    if parts[0] == "stages" and len(parts) > 2 and isinstance(raw.get("stages"), list):
+        # a bare `- pretrain` entry takes options like `- pretrain: {...}`
+        raw["stages"] = [{s: {}} if isinstance(s, str) else s for s in raw["stages"]]
     if parts[0] == "stages" and len(parts) > 2 and not parts[1].isdigit():
         targets = [s for s in raw.get("stages", []) if isinstance(s, dict) and parts[1] in s]
         if not targets:

@@ -26,7 +26,7 @@ import yaml
 from rich.console import Console
 
 from selftrain.config import GuardConfig, RunConfig
-from selftrain.data.pool import Pool, prepare_corpus
+from selftrain.data.pool import Pool, plain_annotations, prepare_corpus
 from selftrain.errors import SelftrainError
 from selftrain.evaluation import LOWER_IS_BETTER, evaluate
 from selftrain.modeling.factory import (
@@ -44,6 +44,7 @@ from selftrain.stages import (
     stage_fingerprint,
     stage_specs,
 )
+from selftrain.training.arguments import report_to_value
 from selftrain.workspace import (
     MANIFEST_VERSION,
     TEMP_NAME,
@@ -57,7 +58,8 @@ DONE = ("accepted", "rolled_back", "failed")
 SETUP_FILES = {".lock", "config.yaml", "data", "checkpoints", "metrics.jsonl"}
 # What an attempt records about its outcome; cleared when the stage is tried again.
 OUTCOME = ("decision", "reason", "metrics_after", "stage_metrics", "checkpoint", "checkpoint_deleted", "seconds",
-           "finished", "pool_added", "pool_dropped_by_cap", "annotations", "artefacts", "auxiliary")
+           "finished", "pool_added", "pool_dropped_by_cap", "annotations", "artefacts", "auxiliary",
+           "auxiliary_deleted")
 
 
 def guard_decision(guard: GuardConfig, before: dict, after: dict) -> tuple[bool, str]:
@@ -154,6 +156,7 @@ class Runner:
         return manifest
 
     def _preflight(self, specs, model, tokenizer, kind: str, train_texts: list[str]) -> None:
+        report_to_value(self.cfg.run.report_to)  # a missing tracker package is refused now, not mid-run
         for spec in specs:
             stage = REGISTRY[spec.name]()
             if stage.requires_causal and kind != "causal":
@@ -308,38 +311,39 @@ class Runner:
                          artefacts={n: ws.abs(p) for e in accepted for n, p in (e.get("artefacts") or {}).items()},
                          auxiliary={n: ws.abs(p) for e in accepted for n, p in (e.get("auxiliary") or {}).items()},
                          log=ws.log_metrics)
-        start = time.perf_counter()
+        start, result = time.perf_counter(), None
         try:
             result = REGISTRY[spec.name]().run(state, spec.config)
-            self._check_result(result, pool, stage_dir)
+            self._check_result(result, pool, layers, stage_dir)
         except SelftrainError as e:  # bad input found mid-stage: not DONE, so a fixed rerun retries it
             entry.update(status="error", reason=str(e))
             ws.save_manifest(manifest)
             raise
         except Exception as e:  # a crash in one stage must not lose the run: record it, roll back
-            return self._failed(entry, e, start)
+            return self._failed(entry, e, start, result)
         stage_seconds = time.perf_counter() - start
         before = entry["metrics_before"]
         try:  # evaluating the new model is part of the attempt: a model that breaks it fails the stage
             after = before if result.checkpoint is None else self._evaluate(
                 result.checkpoint, manifest["model_kind"], heldout, stage_dir)
         except Exception as e:
-            return self._failed(entry, e, start, result.checkpoint)
+            return self._failed(entry, e, start, result)
         accepted, reason = guard_decision(cfg.guard, before, after)
         entry.update(
             status="accepted" if accepted else "rolled_back", decision="accepted" if accepted else "rolled_back",
             reason=reason, metrics_after=after, stage_metrics=_jsonable(result.metrics),
             checkpoint=ws.rel(result.checkpoint), seconds=round(stage_seconds, 1),
             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            # recorded either way (the report shows them); only an accepted stage's reach later stages
+            artefacts={n: ws.rel(p) for n, p in result.artefacts.items()},
+            auxiliary={n: ws.rel(p) for n, p in result.auxiliary.items()},
         )
         ws.log_metrics({"stage": key, "phase": "eval", "decision": entry["decision"], **after})
-        entry["artefacts"] = {n: ws.rel(p) for n, p in result.artefacts.items()}  # kept either way: the report shows them
         if accepted:
             if result.annotations:
                 path = stage_dir / "annotations.json"
                 atomic_write_json(path, result.annotations)
                 entry["annotations"] = {"path": ws.rel(path), "rows": pool.check_annotations(result.annotations)}
-            entry["auxiliary"] = {n: ws.rel(p) for n, p in result.auxiliary.items()}
             if result.checkpoint is not None:
                 manifest["current_checkpoint"] = ws.rel(result.checkpoint)
             manifest["accepted_metrics"] = after
@@ -349,17 +353,15 @@ class Runner:
                 new_pool.save(ws.data_dir / f"pool-{key}")  # a new version; the manifest switches to it
                 entry.update(pool_added=added, pool_dropped_by_cap=dropped)
                 manifest["pool"] = f"data/pool-{key}"
-        elif not cfg.run.keep_rejected_checkpoints:
-            for path in [result.checkpoint, *result.auxiliary.values()]:
-                if path is not None:
-                    shutil.rmtree(path, ignore_errors=True)
-                    entry["checkpoint_deleted"] = True
+        else:
+            self._discard(entry, result)
         colour = "green" if accepted else "yellow"
         con.print(f"[{colour}]{entry['decision']}[/]: {reason}")
 
     @staticmethod
-    def _check_result(result: StageResult, pool: Pool, stage_dir: Path) -> None:
-        """A stage's outputs must be its own files and name real rows: anything else fails the stage."""
+    def _check_result(result: StageResult, pool: Pool, layers: list[dict], stage_dir: Path) -> None:
+        """A stage's outputs must be its own files and name real rows with plain values of one type
+        per column (earlier stages' values of that column included): anything else fails the stage."""
         if not isinstance(result, StageResult):
             raise TypeError(f"a stage's run() returns a StageResult, not {type(result).__name__}")
         named = {"checkpoint": result.checkpoint} if result.checkpoint is not None else {}
@@ -371,7 +373,22 @@ class Runner:
                 raise ValueError(f"{what} {path} is outside the stage directory {stage_dir}")
             if not path.exists():
                 raise FileNotFoundError(f"{what} {path} does not exist")
+        result.annotations = plain_annotations(result.annotations)
         pool.check_annotations(result.annotations)
+        pool.annotated([*layers, result.annotations])  # raises if a column would mix types
+
+    def _discard(self, entry: dict, result: StageResult | None) -> None:
+        """Delete the weights of a rolled-back or failed attempt (unless run.keep_rejected_checkpoints):
+        its checkpoint and auxiliary models, where they lie inside its stage directory."""
+        if result is None or not isinstance(result, StageResult) or self.cfg.run.keep_rejected_checkpoints:
+            return
+        inside = self.ws.stage_dir(entry["key"]).resolve()
+        for field, paths in (("checkpoint_deleted", [result.checkpoint]),
+                             ("auxiliary_deleted", list(result.auxiliary.values()))):
+            for path in paths:
+                if path is not None and Path(path).resolve().is_relative_to(inside) and Path(path).exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                    entry[field] = True
 
     def _evaluate(self, checkpoint: Path, kind: str, heldout: list[str], stage_dir: Path) -> dict:
         model, tokenizer = load_checkpoint(checkpoint, kind)
@@ -380,16 +397,16 @@ class Runner:
         _write_samples(stage_dir / "samples.txt", samples)
         return after
 
-    def _failed(self, entry: dict, error: Exception, start: float, checkpoint: Path | None = None) -> None:
+    def _failed(self, entry: dict, error: Exception, start: float, result: StageResult | None = None) -> None:
         """Record a crashed attempt (traceback in error.txt) and roll it back; the run goes on."""
         key, stage_dir = entry["key"], self.ws.stage_dir(entry["key"])
         atomic_write_text(stage_dir / "error.txt", "".join(traceback.format_exception(error)))
+        checkpoint = result.checkpoint if isinstance(result, StageResult) else None
         entry.update(status="failed", decision="rolled_back", reason=f"{type(error).__name__}: {error}",
                      seconds=round(time.perf_counter() - start, 1), metrics_after=entry["metrics_before"],
-                     checkpoint=self.ws.rel(checkpoint), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        if checkpoint is not None and not self.cfg.run.keep_rejected_checkpoints:
-            shutil.rmtree(checkpoint, ignore_errors=True)
-            entry["checkpoint_deleted"] = True
+                     checkpoint=self.ws.rel(checkpoint) if checkpoint else None,
+                     finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self._discard(entry, result)
         self.console.print(f"[red]{key} failed[/]: {type(error).__name__}: {error} "
                            f"(traceback in {stage_dir / 'error.txt'})")
 

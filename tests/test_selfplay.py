@@ -156,7 +156,7 @@ def test_guarded_reward_skips_and_counts_then_stops():
     s = GuardedReward(short, "short", max_failures=3)
     assert s(["p"] * 2, ["a", "b"]) == [None, None] and "returned 1 values" in s.last_error
     g(["p"], ["a"])
-    with pytest.raises(SelftrainError, match="broken.*3 batches"):
+    with pytest.raises(RuntimeError, match="broken.*3 batches"):
         g(["p"], ["a"])
 
 

@@ -18,8 +18,9 @@ from selftrain.cli import app
 from selftrain.config import config_from_dict
 from selftrain.data.pool import Pool
 from selftrain.errors import SelftrainError
+from selftrain.modeling.factory import load_checkpoint, save_checkpoint
 from selftrain.runner import Runner
-from selftrain.stages import REGISTRY
+from selftrain.stages import REGISTRY, Stage, StageConfig, StageResult
 from selftrain.stages.schema import config_schema
 from tests.conftest import micro_config
 from tests.example_stage import LengthClassesStage
@@ -120,3 +121,79 @@ def test_stages_command_lists_stages_and_prints_options(monkeypatch):
     assert "bins" in one.output and "Number of length classes (equal-count bins)." in one.output
     typo = runner.invoke(app, ["stages", "pretrian"])
     assert typo.exit_code == 2 and "Did you mean 'pretrain'" in typo.output
+
+
+class Critic(Stage):
+    """Test-only stage: saves a copy of the model as the auxiliary model ``critic``; a second run of
+    it records whether it was handed the first one's. ``reject`` returns a result the runner refuses."""
+
+    name = "critic"
+
+    class Config(StageConfig):
+        reject: bool = False
+
+    def run(self, state, config):
+        model, tok = state.load_model()
+        critic = save_checkpoint(model.cpu(), tok, state.stage_dir / "critic")
+        seen = state.auxiliary.get("critic")
+        return StageResult(auxiliary={"critic": critic}, annotations={"x": {"no-such-row": 1}} if config.reject else {},
+                           metrics={"critic_before": str(seen) if seen else "", "critic_loads": bool(
+                               seen and load_checkpoint(seen, state.kind)[0] is not None)})
+
+
+def test_auxiliary_models_reach_later_stages_and_go_with_a_failed_attempt(tmp_path, corpus_file, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "critic", Critic)
+    run_dir = tmp_path / "run"
+    stages = ["critic", {"critic": {"reject": True}}, "critic"]
+    first, failed, last = Runner(config_from_dict(micro_config(run_dir, corpus_file, stages))).run()["stages"]
+    assert first["auxiliary"] == {"critic": f"stages/{first['key']}/critic"}
+    assert failed["status"] == "failed" and "no-such-row" in failed["reason"] and failed["auxiliary_deleted"]
+    assert not (run_dir / "stages" / failed["key"] / "critic").exists()  # its weights do not linger
+    assert last["stage_metrics"]["critic_before"] == str((run_dir / first["auxiliary"]["critic"]).resolve())
+    assert last["stage_metrics"]["critic_loads"] is True
+
+
+class Relabel(Stage):
+    """Test-only stage: writes the column `length_class` as strings (the example stage writes ints)."""
+
+    name = "relabel"
+
+    class Config(StageConfig):
+        pass
+
+    def run(self, state, config):
+        return StageResult(annotations={"length_class": {state.pool.ds["id"][0]: "long"}})
+
+
+def test_a_column_of_mixed_types_fails_that_stage_only(tmp_path, corpus_file, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "relabel", Relabel)
+    run_dir = tmp_path / "run"
+    stages = ["example_lengths", "relabel", "example_lengths"]
+    first, bad, last = Runner(config_from_dict(micro_config(run_dir, corpus_file, stages))).run()["stages"]
+    assert bad["status"] == "failed" and "mixes value types" in bad["reason"], bad["reason"]
+    assert last["decision"] == "accepted" and last["stage_metrics"]["annotated_before"] == first["stage_metrics"]["rows"]
+
+
+def test_a_missing_tracker_is_refused_before_anything_is_written(tmp_path, corpus_file):
+    run_dir = tmp_path / "run"
+    cfg = micro_config(run_dir, corpus_file, ["example_lengths"], run={"report_to": "wandb"})
+    with pytest.raises(SelftrainError, match="run.report_to=wandb needs the wandb package"):
+        Runner(config_from_dict(cfg)).run()
+    assert not (run_dir / "manifest.json").exists()
+
+
+def test_config_command_resolves_a_config_and_lists_run_options(tmp_path, corpus_file, monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 200)
+    runner = CliRunner()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(micro_config(tmp_path / "run", corpus_file, ["example_lengths"])))
+    out = runner.invoke(app, ["config", str(path), "--set", "stages.0.example_lengths.bins=4"])
+    assert out.exit_code == 0, out.output
+    resolved = yaml.safe_load(out.output)
+    assert resolved["stages"] == [{"example_lengths": {"bins": 4, "bad_id": False, "artefact_outside": False}}]
+    assert resolved["guard"]["tolerance"] == 0.02  # defaults filled in
+    bad = runner.invoke(app, ["config", str(path), "--set", "stages.0.example_lengths.binz=4"])
+    assert bad.exit_code == 2 and "Did you mean 'bins'" in bad.output
+    options = runner.invoke(app, ["config", "--options"])
+    assert options.exit_code == 0 and "run.report_to" in options.output and "guard.tolerance" in options.output
+    assert runner.invoke(app, ["config", str(path), "--schema"]).exit_code == 2

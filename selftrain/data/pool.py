@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from pyarrow.lib import ArrowException
 
 from selftrain.config import DataConfig
 from selftrain.data.sources import load_documents
@@ -117,6 +118,13 @@ def _clean(texts: list[str], min_chars: int, max_documents: int | None, seed: in
     return out, {"documents_loaded": total, "documents_kept": len(out), "dropped_short_or_duplicate": dropped}
 
 
+def plain_annotations(annotations: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Annotations with numpy / torch scalars turned into Python ones (a k-means label is an
+    ``np.int32``), so they are stored as what they are."""
+    return {column: {i: v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+                     for i, v in values.items()} for column, values in annotations.items()}
+
+
 class Pool:
     """The accumulating training set. Real rows are fixed at run start and never dropped."""
 
@@ -170,7 +178,10 @@ class Pool:
                 merged.setdefault(column, {}).update(values)
         ds, ids = self.ds, self.ds["id"]
         for column, values in merged.items():
-            ds = ds.add_column(column, [values.get(i) for i in ids])
+            try:
+                ds = ds.add_column(column, [values.get(i) for i in ids])
+            except (TypeError, ValueError, ArrowException) as e:  # e.g. ints from one stage, strings from another
+                raise ValueError(f"annotation column {column!r} mixes value types: {e}") from None
         return Pool(ds)
 
     def check_annotations(self, annotations: dict[str, dict[str, Any]]) -> dict[str, int]:

@@ -12,18 +12,22 @@ auxiliary models (``state.auxiliary``); it writes only inside ``state.stage_dir`
 
 - ``checkpoint``: a new model directory, or None when the model is unchanged;
 - ``additions``: new pool rows with provenance (``data.pool.make_examples``), capped by the guard;
-- ``annotations``: new columns on existing rows, ``{column: {row id: value}}`` (``cluster``,
-  ``duplicate_of``, ``difficulty``, ``weight``); versioned with the run like additions, and
-  visible to every later stage once the stage is accepted;
+- ``annotations``: new columns on rows the pool held when the stage started, ``{column: {row id:
+  value}}`` (``cluster``, ``duplicate_of``, ``difficulty``, ``weight``), one value type per
+  column; kept per stage like additions (a restart drops those of the stages it redoes), and
+  laid over the pool for every later stage once the stage is accepted;
 - ``artefacts``: named files for later stages and the report (``{"cluster_map": path}``);
 - ``auxiliary``: named model directories a later stage may load (a trained discriminator);
 - ``metrics``: JSON-able numbers and lists, kept in the manifest and passed to ``report``.
 
-The runner evaluates the new checkpoint on held-out real text, and the guard accepts or rolls
-back the whole result. Training stages take a data-order policy (``selftrain.data.order``;
-random by default) so that a curriculum can drive any of them, and train through
-``selftrain.training`` (which also resumes a killed attempt from its Trainer checkpoints, for
-the main model and auxiliary ones alike). An example stage, complete::
+A later stage's artefact or auxiliary model of the same name replaces an earlier one's. The
+runner evaluates the new checkpoint on held-out real text, and the guard accepts or rolls back
+the whole result (a rolled-back or failed attempt's weights, auxiliary ones included, are
+deleted). Stages train through ``selftrain.training``, whose LM, SFT and DPO functions take an
+explicit data order: a stage that trains on pool rows exposes it as an option built from
+annotations (``selftrain.data.order``; random by default), and a curriculum calls them with its
+own. ``lm_train`` keeps Trainer checkpoints in the stage directory, so a killed attempt resumes
+where it was, for the main model or an auxiliary one. An example stage, complete::
 
     from pydantic import Field
 

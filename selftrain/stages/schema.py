@@ -26,13 +26,17 @@ def type_name(annotation: Any) -> str:
         return " | ".join(type_name(a) for a in args)
     if origin is not None:
         return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.__name__
     if annotation is type(None):
         return "None"
     return getattr(annotation, "__name__", str(annotation))
 
 
 def _nested(annotation: Any) -> type[BaseModel] | None:
-    candidates = typing.get_args(annotation) or (annotation,)
+    """The section model of a field typed ``Model`` or ``Model | None`` (not ``list[Model]``)."""
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) \
+        else (annotation,)
     found = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
     return found[0] if found else None
 
@@ -53,8 +57,7 @@ def option_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str
             default = json.dumps(made.model_dump(mode="json") if isinstance(made, BaseModel) else made, default=str)
         else:
             default = "(required)"
-        rows.append((key, nested.__name__ if nested else type_name(info.annotation), default,
-                     info.description or ""))
+        rows.append((key, type_name(info.annotation), default, info.description or ""))
         if nested is not None:
             rows += option_rows(nested, prefix=f"{key}.")
     return rows
@@ -72,7 +75,7 @@ def config_schema() -> dict:
     for name, cls in sorted(REGISTRY.items()):
         entries.append(create_model(
             f"stage_{name}", __config__=ConfigDict(extra="forbid", title=f"stage {name}"),
-            **{name: (cls.Config | None, Field(None, description=summary(cls)))}))
+            **{name: (cls.Config | None, Field(..., description=summary(cls)))}))  # `name:` with no options: null
     names = Literal[tuple(sorted(REGISTRY))]  # a bare name runs the stage with its defaults
     typed = create_model("RunConfig", __base__=RunConfig, stages=(
         list[Union[(names, *entries)]], Field(..., min_length=1, description="Stages, in order.")))

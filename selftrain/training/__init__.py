@@ -10,10 +10,11 @@ experiment tracking (``run.report_to``), data order and LoRA adapters behave the
 
 Each takes the model, its data, typed options (with ``adapter``: LoRA or null) and the same keywords:
 ``out_dir`` (the trainer's scratch folder, inside the stage directory), ``seed``, ``log`` /
-``stage_key`` (the run's metrics log), ``report_to`` and ``order`` (an explicit order of the
-training rows; None is the trainer's own shuffle). Each returns the trained model as a plain
-``transformers`` model (a LoRA adapter is merged) and its metrics or per-step records.
+``stage_key`` (the run's metrics log) and ``report_to``; LM, SFT and DPO also take ``order`` (an
+explicit order of the training rows; None is the trainer's own shuffle), while GRPO's data is what
+its environment plays. Each returns the trained model as a plain ``transformers`` model (a LoRA
+adapter is merged) and its metrics or per-step records.
 
-Layering: stages import this package; it imports modeling, data, config, errors and workspace,
-never stages or evaluation. TRL is imported only by the modules that use it.
+Layering: stages import this package; it imports modeling, config and errors, never stages or
+evaluation. TRL is imported only by the modules that use it.
 """

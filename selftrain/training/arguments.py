@@ -64,8 +64,9 @@ def build_arguments(config_cls: type[TrainingArguments], *, output_dir: Path | s
     then ``fields`` (the method's), then ``user_args``. A bad value is bad input: SelftrainError
     naming ``where`` (e.g. ``pretrain.trainer_args``)."""
     common = dict(output_dir=str(output_dir), seed=seed, bf16=precision == "bf16", fp16=precision == "fp16",
-                  use_cpu=device == "cpu", report_to=report_to_value(report_to), dataloader_num_workers=0,
-                  activation_checkpointing=False)  # TRL turns it on; small models need no memory saving
+                  use_cpu=device == "cpu", report_to=report_to_value(report_to), dataloader_num_workers=0)
+    if not {"activation_checkpointing", "gradient_checkpointing"} & set(user_args or {}):
+        common["activation_checkpointing"] = False  # TRL turns it on; small models need no memory saving
     try:
         return config_cls(**{**common, **fields, **(user_args or {})})
     except (ValueError, TypeError, ImportError, OSError) as e:

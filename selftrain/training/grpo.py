@@ -14,25 +14,22 @@ after ``max_failures`` such batches does training stop, with the last error in t
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
 
-from selftrain.errors import SelftrainError
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 from selftrain.training.adapters import LoraOptions, lora_config, merge
 from selftrain.training.arguments import SCHEDULES, build_arguments
 from selftrain.training.callbacks import StepRecorder
 from selftrain.training.precision import resolve_precision
-from selftrain.training.sampling import OrderedSampling, Reindexed, check_order
 from selftrain.training.tracking import train_and_clean
 
 
@@ -74,8 +71,9 @@ class GuardedReward:
             self.skipped += n
             self.last_error = f"{type(e).__name__}: {e}"
             if self.failures >= self.max_failures:
-                raise SelftrainError(f"reward function {self.__name__!r} failed on {self.failures} batches "
-                                     f"(last: {self.last_error})") from e
+                # not bad input: the run's stage fails (and is rolled back), the run goes on
+                raise RuntimeError(f"reward function {self.__name__!r} failed on {self.failures} batches "
+                                   f"(last: {self.last_error})") from e
             return [None] * n
         return values
 
@@ -100,31 +98,16 @@ def backend_rollout(env, sampling: SamplingParams, batch_size: int, autocast_dty
     return rollout
 
 
-@functools.cache
-def _trainer_class():
-    from trl import GRPOTrainer
-    from trl.trainer.utils import RepeatSampler
-
-    class OrderedGRPOTrainer(OrderedSampling, GRPOTrainer):
-        def ordered_sampler(self, order):  # TRL's repeated groups, over the slots in ``order``
-            return Reindexed(RepeatSampler(
-                data_source=order, mini_repeat_count=self.num_generations,
-                batch_size=self.args.generation_batch_size // self.num_generations,
-                repeat_count=self.num_iterations * self.args.steps_per_generation, shuffle=False), order)
-
-    return OrderedGRPOTrainer
-
-
 def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]], *, opts: GRPOOptions,
                out_dir: Path, seed: int, log: Callable[[dict], None] = lambda r: None, stage_key: str = "",
-               callbacks: list | None = None, report_to: str = "none",
-               order: Sequence[int] | None = None) -> tuple[object, list[dict], list[GuardedReward]]:
+               callbacks: list | None = None, report_to: str = "none") -> tuple[object, list[dict], list[GuardedReward]]:
     """Run GRPO for ``opts.max_steps`` steps; return (the trained plain model, per-step records,
     guarded rewards). ``env`` has ``rollout(groups, g, backend, sampling)`` and the ``EnvMetrics``
     bookkeeping; ``rewards`` maps a name to (function, weight). ``callbacks`` are extra
     ``TrainerCallback``s (a bench's time budget and learning curve). The dataset is one placeholder
-    row per slot (``groups_per_step * max_steps``); ``order`` lists slot indices (None: in turn)."""
-    from trl import GRPOConfig
+    row per slot (``groups_per_step * max_steps``): the environment, not a data order, decides what
+    each slot plays (a curriculum drives it through the environment)."""
+    from trl import GRPOConfig, GRPOTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is what lets our backend generate
     device = str(model.device.type)
@@ -132,7 +115,6 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
     groups, g = opts.groups_per_step, opts.num_generations
     # One placeholder row per slot: the environment, not the dataset, decides what each slot plays.
     slots = datasets.Dataset.from_dict({"prompt": [f"slot {i}" for i in range(groups * max(1, opts.max_steps))]})
-    order = check_order(order, len(slots))
     guarded = [GuardedReward(fn, name, opts.max_reward_failures) for name, (fn, _) in rewards.items()]
     args = build_arguments(
         GRPOConfig, output_dir=out_dir, seed=seed, precision=precision, device=device, report_to=report_to,
@@ -145,11 +127,11 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
     )
     sampling = SamplingParams(max_new_tokens=opts.completion_tokens, temperature=opts.temperature,
                               top_p=1.0, seed=None)  # no reseeding: fresh samples every step
-    trainer = _trainer_class()(
+    trainer = GRPOTrainer(
         model=model, reward_funcs=guarded, args=args, train_dataset=slots, processing_class=tokenizer,
         rollout_func=backend_rollout(env, sampling, batch_size=opts.generation_batch_size,
                                      autocast_dtype=torch.bfloat16 if precision == "bf16" else None),
-        peft_config=lora_config(opts.adapter, model) if opts.adapter else None, order=order)
+        peft_config=lora_config(opts.adapter, model) if opts.adapter else None)
     recorder = StepRecorder(env, log, stage_key, guarded)
     train_and_clean(trainer, out_dir, [recorder, *(callbacks or [])])
     return merge(trainer.model), recorder.records, guarded

@@ -29,20 +29,6 @@ class FixedOrder(Sampler[int]):
         return len(self.order)
 
 
-class Reindexed(Sampler[int]):
-    """``order[i]`` for each ``i`` an inner sampler yields over positions ``0..len(order)-1``: keeps
-    a trainer's own sampling pattern (TRL's repeated GRPO groups) but walks rows in ``order``."""
-
-    def __init__(self, inner: Sampler, order: Sequence[int]):
-        self.inner, self.order = inner, list(order)
-
-    def __iter__(self):
-        return (self.order[i] for i in self.inner)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-
 class OrderedSampling:
     """Trainer mixin: ``order`` (row indices) replaces the trainer's random train sampler."""
 
@@ -53,10 +39,7 @@ class OrderedSampling:
     def _get_train_sampler(self, *args, **kwargs):
         if self.order is None:
             return super()._get_train_sampler(*args, **kwargs)
-        return self.ordered_sampler(self.order)
-
-    def ordered_sampler(self, order: list[int]) -> Sampler:
-        return FixedOrder(order)
+        return FixedOrder(self.order)
 
 
 @functools.cache

@@ -149,13 +149,10 @@ class SelfplayStage(Stage):
             env, rewards = self._grpo_env(config, model, tokenizer, state)
             console.print(f"selfplay/{config.env}: GRPO, {config.max_steps} steps × {config.groups_per_step} groups "
                           f"× {config.num_generations}; rewards {', '.join(f'{k}×{w}' for k, (_, w) in rewards.items())}")
-            try:
-                model, records, guarded = grpo_train(model, tokenizer, env, rewards, opts=grpo_options(config),
-                                                     out_dir=state.stage_dir / "trainer", seed=state.seed,
-                                                     log=state.log, stage_key=state.stage_key,
-                                                     report_to=state.config.run.report_to)
-            except SelftrainError as e:  # a reward that keeps failing is a failed stage (rolled back), not bad input
-                raise RuntimeError(str(e)) from e
+            model, records, guarded = grpo_train(model, tokenizer, env, rewards, opts=grpo_options(config),
+                                                 out_dir=state.stage_dir / "trainer", seed=state.seed,
+                                                 log=state.log, stage_key=state.stage_key,
+                                                 report_to=state.config.run.report_to)
             metrics = env_summary(env, records, rewards, guarded)
         else:
             from selftrain.stages.selfplay.preference import dpo_selfplay
