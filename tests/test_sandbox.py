@@ -425,11 +425,25 @@ except (RuntimeError, OSError) as e:
 
 
 SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
+SITE = next(p for p in sys.path if p.endswith("site-packages"))
+
+
+def readable_by_others(*paths) -> bool:
+    """Whether another user can reach ``paths``: every folder on the way open to others (a checkout
+    in a ``mktemp -d`` folder, mode 700, is not)."""
+    for path in paths:
+        for folder in [Path(path).resolve(), *Path(path).resolve().parents]:
+            if folder.is_dir() and not folder.stat().st_mode & 0o001:  # others may not pass through
+                return False
+    return True
 
 
 @needs_full
 @pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists() or not Path("/usr/bin/setpriv").exists(),
                     reason="needs root (to become another user), setpriv and a system Python of this version")
+@pytest.mark.skipif(not readable_by_others(Path(__file__).parents[1], SITE),
+                    reason="the checkout or its site-packages is not readable by other users, so user 65534 "
+                    "cannot import selftrain from it")
 def test_an_unprivileged_caller_gets_full_isolation_too():
     """Not every user runs selftrain as root: then bwrap makes the user namespace itself, and the
     zygote shares the program's user, so the read-only root and /dev matter."""
@@ -444,11 +458,10 @@ for path in ("/x", "/dev/x", "/sandbox/x", "/usr/x"):
         pass
 os.fork()
 """
-    site = next(p for p in sys.path if p.endswith("site-packages"))
     code = ("import sys\nfrom selftrain.sandbox import run_python\n"
             "r = run_python(sys.stdin.read())\n"
             "print(r.isolation, r.stdout.strip(), r.ok)")
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{Path(__file__).resolve().parents[1]}:{site}"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{Path(__file__).resolve().parents[1]}:{SITE}"}
     out = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           str(SYSTEM_PYTHON), "-c", code], env=env, input=program, capture_output=True, text=True,
                          timeout=60, cwd="/tmp")
