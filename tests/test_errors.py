@@ -128,8 +128,11 @@ def test_ctrl_c_during_a_run_exits_130_and_the_rerun_finishes(tmp_path, corpus_f
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "c.yaml", micro_config(
         run_dir, corpus_file, [pretrain(max_steps=200, save_steps=10), pretrain(max_steps=5)]))
+    # SIGINT as a terminal delivers it, even where this suite runs as a background job (which
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-m", "selftrain", "run", str(path)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     trainer = run_dir / "stages" / "r1-01-pretrain" / "trainer"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list(trainer.glob("checkpoint-*/trainer_state.json")):
