@@ -343,7 +343,7 @@ class Runner:
             if result.annotations:
                 path = stage_dir / "annotations.json"
                 atomic_write_json(path, result.annotations)
-                entry["annotations"] = {"path": ws.rel(path), "rows": pool.check_annotations(result.annotations)}
+                entry["annotations"] = {"path": ws.rel(path), "rows": {c: len(v) for c, v in result.annotations.items()}}
             if result.checkpoint is not None:
                 manifest["current_checkpoint"] = ws.rel(result.checkpoint)
             manifest["accepted_metrics"] = after
