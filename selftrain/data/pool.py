@@ -7,7 +7,8 @@ anything a stage makes is added *beside* it (never replacing it), capped by
 
 Stages may also *annotate* rows (``cluster``, ``duplicate_of``, ``difficulty``, ``weight``): the
 runner keeps each accepted stage's annotations beside the pool and lays them over it, in stage
-order, as extra columns (``Pool.annotated``); a row no stage annotated reads None.
+order, as extra columns (``Pool.annotated``); a row no stage annotated reads None. A row marked
+``duplicate_of`` is kept in the pool but hidden from every later stage (``Pool.without_duplicates``).
 """
 
 from __future__ import annotations
@@ -183,6 +184,14 @@ class Pool:
             except (TypeError, ValueError, ArrowException) as e:  # e.g. ints from one stage, strings from another
                 raise ValueError(f"annotation column {column!r} mixes value types: {e}") from None
         return Pool(ds)
+
+    def without_duplicates(self) -> Pool:
+        """The rows no accepted stage marked ``duplicate_of``: what later stages see and train on (the
+        marked rows stay in the pool file, so a restart or a reader of the pool still has them)."""
+        if "duplicate_of" not in self.ds.column_names:
+            return self
+        keep = [i for i, d in enumerate(self.ds["duplicate_of"]) if d is None]
+        return self if len(keep) == len(self.ds) else Pool(self.ds.select(keep))
 
     def check_annotations(self, annotations: dict[str, dict[str, Any]]) -> dict[str, int]:
         """Raise ValueError unless every column is a new, plain name and every id is a row of this

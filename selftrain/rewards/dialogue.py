@@ -14,8 +14,8 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 
+from selftrain.modeling.embeddings import embed_texts
 from selftrain.modeling.scoring import loglikelihoods, split_pair
 from selftrain.rewards import completion_text
 
@@ -49,24 +49,13 @@ class Coherence:
 
 
 class Embedder:
-    """Mean-pooled last hidden states of an encoder or causal LM, L2-normalised."""
+    """Mean-pooled last hidden states of an encoder or causal LM, L2-normalised (as torch rows)."""
 
     def __init__(self, model, tokenizer, max_length: int = 128):
         self.model, self.tok, self.max_length = model, tokenizer, max_length
 
-    @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        side, self.tok.padding_side = self.tok.padding_side, "right"
-        try:
-            enc = self.tok([t or " " for t in texts], return_tensors="pt", padding=True, truncation=True,
-                           max_length=self.max_length).to(self.model.device)
-        finally:
-            self.tok.padding_side = side
-        out = self.model(**enc, output_hidden_states=True)
-        hidden = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else out.last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(pooled.float(), dim=-1)
+        return torch.from_numpy(embed_texts(self.model, self.tok, [t or " " for t in texts], max_length=self.max_length))
 
 
 class Relevance:

@@ -7,7 +7,8 @@ optional ``preflight`` for input the stage cannot use, ``run(state, config) -> S
 ``report(entry) -> markdown`` for its section of the run's report. Stages never import each other.
 
 ``run`` reads the accepted checkpoint (``state.load_model()``), the pool with every earlier
-stage's annotation columns (``state.pool.ds``), earlier artefacts (``state.artefacts``) and
+stage's annotation columns (``state.pool.ds``; rows an accepted stage marked ``duplicate_of``
+are left out, though the pool file keeps them), earlier artefacts (``state.artefacts``) and
 auxiliary models (``state.auxiliary``); it writes only inside ``state.stage_dir`` and returns:
 
 - ``checkpoint``: a new model directory, or None when the model is unchanged;
@@ -88,7 +89,7 @@ class RunState:
     config: RunConfig
     checkpoint: Path  # the last accepted model directory
     kind: str  # "causal" or "masked"
-    pool: Pool  # every row so far, with the annotation columns of accepted stages
+    pool: Pool  # every row so far but those marked duplicate_of, with the annotation columns of accepted stages
     heldout: list[str]  # held-out real texts: to keep evaluation items out of training, never to train on
     seed: int
     round: int = 1

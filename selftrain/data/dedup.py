@@ -1,0 +1,116 @@
+"""Duplicate detection at three strengths: exact, near (MinHash LSH) and semantic (embeddings).
+
+Every detector walks the texts in the order given (the pool's: real rows first, then additions
+in the order stages made them) and keeps the first of each group, so ``duplicate_of`` always
+points at a row that is itself kept and a real text is never marked a copy of a synthetic one.
+Each returns ``{position of a duplicate: position of the kept row it duplicates}``.
+
+- exact: the same text after normalisation (Unicode NFKC, case-folded, punctuation and runs of
+  whitespace collapsed), by hash;
+- near: MinHash signatures of character or word shingles (``datasketch``), candidates from LSH,
+  confirmed by the estimated Jaccard similarity reaching the threshold;
+- semantic (SemDeDup, Abbas et al. 2023): within each cluster of the embedding space, a text
+  whose cosine similarity to a kept text reaches the threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def normalise(text: str) -> str:
+    """The form two texts share when they differ only in case, punctuation or spacing."""
+    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def exact_duplicates(texts: Sequence[str]) -> dict[int, int]:
+    """Texts equal to an earlier one after ``normalise``."""
+    first: dict[bytes, int] = {}
+    found = {}
+    for i, text in enumerate(texts):
+        key = hashlib.blake2b(normalise(text).encode("utf-8"), digest_size=16).digest()
+        if key in first:
+            found[i] = first[key]
+        else:
+            first[key] = i
+    return found
+
+
+def shingles(text: str, unit: Literal["chars", "words"] = "chars", n: int = 5) -> set[bytes]:
+    """The set of ``n``-grams of characters (or words) of the normalised text; a text shorter than
+    ``n`` units is one shingle."""
+    norm = normalise(text)
+    seq: Sequence[str] = norm if unit == "chars" else norm.split()
+    if len(seq) <= n:
+        return {(norm if unit == "chars" else " ".join(seq)).encode("utf-8")}
+    if unit == "chars":
+        return {norm[i:i + n].encode("utf-8") for i in range(len(norm) - n + 1)}
+    return {" ".join(seq[i:i + n]).encode("utf-8") for i in range(len(seq) - n + 1)}
+
+
+def minhashes(texts: Sequence[str], *, num_perm: int = 128, unit: Literal["chars", "words"] = "chars",
+              n: int = 5, seed: int = 1) -> list[LeanMinHash]:
+    """One MinHash signature per text (the same ``seed`` makes signatures comparable)."""
+    signatures = MinHash.bulk((list(shingles(t, unit, n)) for t in texts), num_perm=num_perm, seed=seed)
+    return [LeanMinHash(m) for m in signatures]
+
+
+def near_duplicates(texts: Sequence[str], *, threshold: float = 0.7, num_perm: int = 128,
+                    unit: Literal["chars", "words"] = "chars", n: int = 5, skip: set[int] | None = None,
+                    seed: int = 1) -> dict[int, int]:
+    """Texts whose estimated shingle Jaccard similarity with an earlier kept text reaches
+    ``threshold``. Positions in ``skip`` (already known duplicates) are neither tested nor kept."""
+    skip = skip or set()
+    todo = [i for i in range(len(texts)) if i not in skip]
+    sigs = dict(zip(todo, minhashes([texts[i] for i in todo], num_perm=num_perm, unit=unit, n=n, seed=seed)))
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    found = {}
+    for i in todo:
+        best, best_j = None, threshold
+        for key in lsh.query(sigs[i]):
+            j = sigs[i].jaccard(sigs[key])
+            if j >= best_j and (best is None or j > best_j or key < best):
+                best, best_j = key, j
+        if best is None:
+            lsh.insert(i, sigs[i])
+        else:
+            found[i] = best
+    return found
+
+
+def semantic_duplicates(embeddings: np.ndarray, clusters: Sequence[int], *, threshold: float = 0.95,
+                        skip: set[int] | None = None, block: int = 1024) -> dict[int, int]:
+    """Rows whose cosine similarity with an earlier kept row of the same cluster reaches
+    ``threshold``; ``embeddings`` are unit-length rows. Compared in blocks, so memory stays at
+    ``block`` x cluster size."""
+    skip = skip or set()
+    by_cluster: dict[int, list[int]] = {}
+    for i, c in enumerate(clusters):
+        if i not in skip:
+            by_cluster.setdefault(int(c), []).append(i)
+    found = {}
+    for members in by_cluster.values():
+        vecs = embeddings[members]
+        kept = np.zeros(len(members), dtype=bool)
+        for start in range(0, len(members), block):
+            sims = vecs[start:start + block] @ vecs[:start + block].T  # each row against all before it
+            for r in range(sims.shape[0]):
+                i = start + r
+                earlier = np.flatnonzero(kept[:i])
+                if earlier.size:
+                    scores = sims[r, earlier]
+                    best = int(np.argmax(scores))
+                    if scores[best] >= threshold:
+                        found[members[i]] = members[int(earlier[best])]
+                        continue
+                kept[i] = True
+    return found

