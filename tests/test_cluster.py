@@ -161,6 +161,8 @@ def test_length_bucketed_embeddings_equal_one_at_a_time(micro_lm):
     np.testing.assert_allclose(together, alone, atol=1e-5)  # padding and order change nothing
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
     assert length_batches([3, 10, 1, 7], 20) == [[1, 3], [0, 2]]  # longest first, padded size <= budget
+    in_bf16 = embed_texts(model, tok, texts, precision="bf16")  # autocast (emulated where the CPU lacks bf16)
+    assert in_bf16.dtype == np.float32 and float((in_bf16 * together).sum(1).min()) > 0.98
 
 
 # ---------------------------------------------------------------------------- word categories
@@ -275,6 +277,62 @@ def test_identical_and_empty_texts_through_the_stage(tmp_path, micro_lm):
     assert a["duplicate_of"] == {ids[i]: ids[0] for i in (1, 2, 3, 4)}  # all identical: the first is kept
     assert [a["cluster"][i] for i in ids] == [0, 0, 0, 0, 0, -1, -1]  # empty texts: no topic (-1), not dropped
     assert set(a["weight"]) == {ids[0], ids[5], ids[6]}
+    for config in (ClusterConfig(embedder="model", k=4, word_categories=None, map="none"),  # k above 1 distinct text
+                   ClusterConfig(embedder="model", algorithm="hdbscan", word_categories=None, map="none")):
+        again = ClusterStage().run(state, config)
+        assert again.metrics["k"] == 1 and again.annotations["cluster"] == a["cluster"]
+
+
+def test_the_stage_is_deterministic_and_handles_hdbscan_outliers(tmp_path, micro_lm):
+    from selftrain.data.pool import make_examples, to_dataset
+    from selftrain.stages.base import RunState
+    from selftrain.stages.cluster import ClusterConfig, ClusterStage
+
+    model, tok = micro_lm
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    texts = random_texts(30, words=12) + ["", "same words here"]
+    pool = Pool(to_dataset(make_examples(texts, origin="real", op="original", stage="data", round=0)))
+    runs = []
+    for attempt in range(2):
+        state = RunState(config=None, checkpoint=tmp_path / "ckpt", kind="causal", pool=pool, heldout=[], seed=3,
+                         stage_dir=tmp_path / f"stage{attempt}")
+        state.stage_dir.mkdir()
+        runs.append(ClusterStage().run(state, ClusterConfig(embedder="model", k=3, word_categories=None, map="pca")))
+    assert runs[0].annotations == runs[1].annotations  # same seed: same clusters, duplicates and weights
+    assert runs[0].artefacts["cluster_report"].read_text() == runs[1].artefacts["cluster_report"].read_text()
+    state.stage_dir = tmp_path / "hdbscan"
+    state.stage_dir.mkdir()
+    hdb = ClusterStage().run(state, ClusterConfig(embedder="model", algorithm="hdbscan", min_cluster_size=3,
+                                                  word_categories=None, map="pca"))
+    clusters, weights = hdb.annotations["cluster"], hdb.annotations["weight"]
+    assert set(clusters) == set(pool.ds["id"]) and (hdb.artefacts["cluster_map"]).stat().st_size > 0
+    outliers = [i for i, c in clusters.items() if c == -1]
+    assert outliers and all(weights[i] > 0 for i in outliers)  # outliers and the empty text: drawn, not dropped
+    assert np.mean(list(weights.values())) == pytest.approx(1.0)
+
+
+def test_normalisation_keeps_what_changes_meaning():
+    assert dedup.normalise("  Hello,   World!! ") == dedup.normalise("hello world") == "hello world"
+    assert dedup.exact_duplicates(["x = a + b", "x = a - b", "2+3=5", "2*3=5"]) == {}  # operators are content
+
+
+def test_wordnet_categories_read_from_the_database_files(tmp_path):
+    from selftrain.data.wordnet import primary_lexnames
+
+    header = "  1 This software and database is being provided to you, the LICENSEE ...\n"
+    # index: lemma pos synset_cnt p_cnt [ptrs] sense_cnt tagsense_cnt offsets (most frequent sense first)
+    (tmp_path / "index.noun").write_text(header + "monday n 1 1 @ 1 3 00000100  \nred n 1 0 1 2 00000200  \n")
+    (tmp_path / "index.adj").write_text(header + "red a 1 0 1 9 00000300  \n")
+    (tmp_path / "index.verb").write_text(header)
+    (tmp_path / "index.adv").write_text(header)
+    # data: offset lex_filenum ss_type w_cnt word lex_id ...
+    (tmp_path / "data.noun").write_text(header + "00000100 28 n 01 Monday 0 000 | the first day\n"
+                                        "00000200 07 n 01 red 0 000 | a colour\n")
+    (tmp_path / "data.adj").write_text(header + "00000300 00 a 01 red 0 000 | of the colour of blood\n")
+    found = primary_lexnames(path=tmp_path)
+    assert found == {"monday": "noun.time", "red": "adj.all"}  # red: the adjective's sense was tagged more
+    assert primary_lexnames({"monday"}, path=tmp_path) == {"monday": "noun.time"}
 
 
 def test_lexical_vectors_join_the_partition_but_k_is_chosen_on_the_embedding():

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.cluster import HDBSCAN, KMeans, MiniBatchKMeans
-from sklearn.decomposition import TruncatedSVD
+from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.metrics import silhouette_score
+from sklearn.preprocessing import normalize
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Clustering:
 
 
 MINIBATCH_ABOVE = 50_000  # rows; below it full-batch k-means is fast and steadier (see kmeans)
+FIT_SAMPLE = 10_000  # rows each candidate k is fitted on when k is chosen
+HDBSCAN_DIMS = 50  # HDBSCAN's neighbour search degrades to brute force in high dimensions: PCA first
 
 
 def kmeans(vectors: np.ndarray, k: int, seed: int, n_init: int = 10):
@@ -46,16 +49,18 @@ def kmeans(vectors: np.ndarray, k: int, seed: int, n_init: int = 10):
 
 def choose_k(vectors: np.ndarray, k_min: int, k_max: int, seed: int, sample: int = 2000) -> tuple[int, dict[int, float]]:
     """The k in [k_min, k_max] whose k-means labels have the highest silhouette (cosine) on a seeded
-    sample of at most ``sample`` rows; returns it and every k's score."""
-    k_max = min(k_max, len(vectors) - 1)
+    sample of at most ``sample`` rows; returns it and every k's score. Each candidate is fitted on
+    at most ``FIT_SAMPLE`` rows: choosing k needs the shape of the data, not every row of it."""
     rng = np.random.default_rng(seed)
-    picked = rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False)
+    fitted = vectors[np.sort(rng.choice(len(vectors), size=min(FIT_SAMPLE, len(vectors)), replace=False))]
+    picked = rng.choice(len(fitted), size=min(sample, len(fitted)), replace=False)
+    k_max = min(k_max, len(picked) - 1)
     scores = {}
     for k in range(max(2, k_min), k_max + 1):
-        labels = kmeans(vectors, k, seed, n_init=3).labels_
+        labels = kmeans(fitted, k, seed, n_init=3).labels_
         if len(set(labels[picked])) < 2:  # the sample saw one cluster: silhouette is undefined
             continue
-        scores[k] = float(silhouette_score(vectors[picked], labels[picked], metric="cosine"))
+        scores[k] = float(silhouette_score(fitted[picked], labels[picked], metric="cosine"))
     if not scores:
         return 1, scores
     return max(scores, key=lambda k: (scores[k], -k)), scores
@@ -83,32 +88,47 @@ def cluster(vectors: np.ndarray, *, k: int | None, seed: int, k_min: int = 2, k_
             sample: int = 2000, algorithm: str = "kmeans", min_cluster_size: int = 5,
             lexical: np.ndarray | None = None, lexical_weight: float = 0.0) -> Clustering:
     """Cluster unit-length ``vectors``: k-means with ``k`` given or chosen by silhouette (k=None),
-    or HDBSCAN. Fewer distinct vectors than two clusters need gives one cluster.
+    or HDBSCAN. A given k above the number of distinct vectors is lowered to it; too few distinct
+    vectors to show two clusters (or fewer than HDBSCAN's ``min_cluster_size``) give one cluster.
 
     With ``lexical`` rows (``lexical_vectors``) and a weight above 0, the partition is fitted on
     each embedding joined to its weighted lexical vector, while k is still chosen on the embedding
     alone: on BBC News the silhouette of the embedding peaks at the true 5 topics, that of the
     joined or lexical vectors keeps rising with k, and the joined vectors separate the 5 better
     (NMI 0.857 -> 0.904 with MiniLM at 128 tokens; see bench/cluster_bbc.py)."""
-    distinct = len(np.unique(vectors.round(6), axis=0))
+    distinct = count_distinct(vectors, limit=max(k or 0, k_max) + 1)
     features = vectors
     if lexical is not None and lexical_weight > 0 and lexical.shape[1]:
         joined = np.hstack([vectors, lexical_weight * lexical])
         features = joined / np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)
-    if algorithm == "hdbscan":
-        labels = HDBSCAN(min_cluster_size=min_cluster_size, metric="euclidean").fit(features).labels_
-        scores = {}
-    elif k == 1 or distinct < 2 or (k is None and distinct < 3):
-        labels, scores = np.zeros(len(vectors), dtype=int), {}
+    scores: dict[int, float] = {}
+    if algorithm == "hdbscan" and distinct >= 2 and len(vectors) >= min_cluster_size:
+        if features.shape[1] > HDBSCAN_DIMS and len(features) > HDBSCAN_DIMS:
+            features = PCA(n_components=HDBSCAN_DIMS, random_state=seed).fit_transform(features)
+        labels = HDBSCAN(min_cluster_size=min_cluster_size).fit(features).labels_
+    elif algorithm == "hdbscan" or k == 1 or distinct < 2 or (k is None and distinct < 3):
+        labels = np.zeros(len(vectors), dtype=int)  # too few (distinct) texts to tell groups apart: one
     else:
-        scores = {}
         if k is None:
             k, scores = choose_k(vectors, k_min, min(k_max, distinct - 1), seed, sample)
+        k = min(k, distinct)  # no more clusters than distinct texts
         labels = kmeans(features, k, seed).labels_ if k > 1 else np.zeros(len(vectors), dtype=int)
     labels = relabel_by_size(np.asarray(labels))
     found = sorted(set(labels.tolist()) - {-1})
     centroids = np.stack([_unit(vectors[labels == c].mean(0)) for c in found]) if found else np.zeros((0, vectors.shape[1]))
     return Clustering(labels=labels, centroids=centroids, k=len(found), scores=scores)
+
+
+def count_distinct(vectors: np.ndarray, limit: int) -> int:
+    """How many distinct rows ``vectors`` has, counted up to ``limit`` (enough to decide k without
+    sorting every row)."""
+    remaining = np.ones(len(vectors), dtype=bool)
+    found = 0
+    while remaining.any() and found < limit:
+        first = vectors[np.argmax(remaining)]
+        remaining &= np.abs(vectors - first).max(axis=1) > 1e-6
+        found += 1
+    return found
 
 
 def relabel_by_size(labels: np.ndarray) -> np.ndarray:
@@ -139,18 +159,20 @@ def ctfidf_terms(texts: Sequence[str], labels: Sequence[int], top_n: int = 8) ->
     docs = [" ".join(t for t, c in zip(texts, labels) if c == cls) for cls in classes]
     try:
         vectorizer = CountVectorizer(stop_words="english", token_pattern=r"(?u)\b[A-Za-z][A-Za-z]+\b")
-        counts = vectorizer.fit_transform(docs).toarray().astype(float)
+        counts = vectorizer.fit_transform(docs).astype(float)  # sparse: clusters x vocabulary
     except ValueError:  # nothing but stop words or digits
         return {cls: [] for cls in classes}
     terms = vectorizer.get_feature_names_out()
-    tf = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    mean_words = counts.sum() / len(classes)
-    idf = np.log(1 + mean_words / np.maximum(counts.sum(0), 1))
-    scores = tf * idf
+    term_totals = np.asarray(counts.sum(0)).ravel()
+    mean_words = term_totals.sum() / len(classes)
+    idf = np.log(1 + mean_words / np.maximum(term_totals, 1))
+    scores = normalize(counts, norm="l1").multiply(idf).tocsr()  # term frequency in the cluster x idf
     out = {}
     for row, cls in enumerate(classes):
-        best = np.argsort(-scores[row], kind="stable")[:top_n]
-        out[cls] = [(str(terms[j]), float(scores[row, j])) for j in best if scores[row, j] > 0]
+        start, stop = scores.indptr[row], scores.indptr[row + 1]
+        values, columns = scores.data[start:stop], scores.indices[start:stop]
+        best = np.lexsort((columns, -values))[:top_n]  # highest score first, ties by vocabulary order
+        out[cls] = [(str(terms[columns[j]]), float(values[j])) for j in best if values[j] > 0]
     return out
 
 
@@ -168,8 +190,12 @@ def balanced_weights(labels: Sequence[int], temperature: float = 0.5) -> list[fl
     """A sampling weight per row, proportional to (its cluster's size) ** -temperature and scaled
     to mean 1: 0 keeps rows uniform (big clusters dominate as they do in the data), 1 gives every
     cluster the same total weight, between them tempers the imbalance (as multilingual LMs
-    temper language sampling). HDBSCAN noise (-1) is weighed as one more group."""
-    sizes = Counter(int(c) for c in labels)
-    raw = [sizes[int(c)] ** -temperature for c in labels]
+    temper language sampling). Rows in no cluster (-1: HDBSCAN's outliers, empty texts) get the
+    mean weight of the clustered rows: neither favoured nor pushed down as one big group."""
+    sizes = Counter(int(c) for c in labels if c != -1)
+    raw = [sizes[int(c)] ** -temperature if c != -1 else None for c in labels]
+    clustered = [w for w in raw if w is not None]
+    mean = math.fsum(clustered) / len(clustered) if clustered else 1.0
+    raw = [mean if w is None else w for w in raw]
     scale = len(raw) / math.fsum(raw) if raw else 1.0
     return [w * scale for w in raw]

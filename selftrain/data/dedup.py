@@ -5,8 +5,8 @@ in the order stages made them) and keeps the first of each group, so ``duplicate
 points at a row that is itself kept and a real text is never marked a copy of a synthetic one.
 Each returns ``{position of a duplicate: position of the kept row it duplicates}``.
 
-- exact: the same text after normalisation (Unicode NFKC, case-folded, punctuation and runs of
-  whitespace collapsed), by hash;
+- exact: the same text after normalisation (Unicode NFKC, case-folded, sentence punctuation and
+  runs of whitespace collapsed; operators and symbols kept), by hash;
 - near: MinHash signatures of character or word shingles (``datasketch``), candidates from LSH,
   confirmed by the estimated Jaccard similarity reaching the threshold;
 - semantic (SemDeDup, Abbas et al. 2023): within each cluster of the embedding space, a text
@@ -24,12 +24,13 @@ from typing import Literal
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-_NON_WORD = re.compile(r"[\W_]+")
+_PUNCTUATION = re.compile(r"[\s.,;:!?\"'`\u2018\u2019\u201c\u201d\u2026\u00ab\u00bb]+")
 
 
 def normalise(text: str) -> str:
-    """The form two texts share when they differ only in case, punctuation or spacing."""
-    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    """The form two texts share when they differ only in case, spacing or sentence punctuation
+    (. , ; : ! ? quotes). Operators and other symbols stay: ``a + b`` and ``a - b`` differ."""
+    return _PUNCTUATION.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
 def exact_duplicates(texts: Sequence[str]) -> dict[int, int]:

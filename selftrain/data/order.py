@@ -58,8 +58,9 @@ def order_of(values: Sequence, policy: str, seed: int) -> list[int] | None:
         return ranked + [i for i, v in enumerate(values) if v is None]
     if policy == "weighted":
         known_weights = [v for v in values if v is not None]
-        if not all(isinstance(w, (int, float)) for w in known_weights):
-            bad = next(w for w in known_weights if not isinstance(w, (int, float)))
+        numeric = lambda w: isinstance(w, (int, float)) and not isinstance(w, bool)  # noqa: E731
+        if not all(numeric(w) for w in known_weights):
+            bad = next(w for w in known_weights if not numeric(w))
             raise SelftrainError(f"order.policy=weighted needs numbers; the column holds {bad!r}")
         mean = sum(known_weights) / len(known_weights) if known_weights else 0.0
         weights = [mean if v is None else v for v in values]

@@ -89,8 +89,7 @@ def embed_ids(model, ids: list[list[int]], *, max_tokens: int = 8192, precision:
     """
     net = body(model)
     device = next(net.parameters()).device
-    hidden_size = model.config.hidden_size
-    out = np.zeros((len(ids), hidden_size), dtype=np.float32)
+    out = None  # sized by the first batch: the pooled width is the body's output, whatever the config says
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
     batches = length_batches([len(r) for r in ids], max_tokens)
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
@@ -105,8 +104,11 @@ def embed_ids(model, ids: list[list[int]], *, max_tokens: int = 8192, precision:
             hidden = net(input_ids=input_ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(torch.float32)
         pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
-        out[batch] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
-    return out
+        pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        if out is None:
+            out = np.zeros((len(ids), pooled.shape[1]), dtype=np.float32)
+        out[batch] = pooled
+    return out if out is not None else np.zeros((0, model.config.hidden_size), dtype=np.float32)
 
 
 def embed_texts(model, tokenizer, texts: list[str], *, max_length: int = 128, max_tokens: int = 8192,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -160,13 +161,13 @@ class ClusterStage(Stage):
         terms = clustering.ctfidf_terms([texts[i] for i in distinct], [cluster_of[i] for i in distinct],
                                         config.top_terms) if distinct else {}
         typical = clustering.nearest_to_centroids(vectors, found.labels, found.centroids, config.nearest)
-        sizes = {c: sum(1 for i in trained if cluster_of[i] == c) for c in sorted(set(cluster_of.values()))}
-        clusters = [{"cluster": c, "size": n, "share": n / max(1, len(trained)),
-                     "weight": weights[next(j for j, i in enumerate(trained) if cluster_of[i] == c)],
+        sizes = Counter(cluster_of[i] for i in trained)
+        weight_of = {cluster_of[i]: w for i, w in zip(trained, weights)}  # one weight per cluster
+        clusters = [{"cluster": c, "size": sizes[c], "share": sizes[c] / max(1, len(trained)), "weight": weight_of[c],
                      "name": " / ".join(t for t, _ in terms.get(c, [])[:3]) or ("(empty texts)" if c == -1 else "-"),
                      "terms": [[t, round(s, 5)] for t, s in terms.get(c, [])],
                      "typical": [_snippet(texts[kept[j]]) for j in typical.get(c, [])]}
-                    for c, n in sizes.items() if n]
+                    for c in sorted(sizes)]
         words = self._word_categories(model, tokenizer, config, state.seed)
         report = {"embedder": embedder, "precision": precision, "algorithm": config.algorithm, "k": found.k,
                   "silhouette": {str(k): round(s, 4) for k, s in found.scores.items()}, "clusters": clusters,
@@ -180,15 +181,20 @@ class ClusterStage(Stage):
             artefacts["cluster_map"] = draw_map(vectors, found.labels, {c["cluster"]: c["name"] for c in clusters},
                                                 state.stage_dir / "cluster_map.png", method=config.map,
                                                 points=config.map_points, seed=state.seed)
+        agreement = float((clustering.assign(vectors, found.centroids) == found.labels).mean()) \
+            if found.k and config.algorithm == "kmeans" else None  # how well the saved centroids place texts
         metrics = {"embedder": embedder, "precision": precision, "algorithm": config.algorithm, "k": found.k,
+                   "k_requested": config.k, "centroid_agreement": agreement,
                    "texts": len(texts), "embedded": len(kept),
                    "embed_texts_per_s": len(kept) / embed_seconds if embed_seconds > 0 else None,
                    "dedup_seconds": dedup_seconds, "duplicates": kinds, "duplicate_total": len(duplicate),
                    "empty": len(empty), "best_silhouette": max(found.scores.values()) if found.scores else None,
-                   "clusters": [{k: c[k] for k in ("cluster", "size", "share", "weight", "name")} for c in clusters]}
+                   "clusters": [{k: c[k] for k in ("cluster", "size", "share", "weight", "name")}
+                                | {"typical": c["typical"][:1]} for c in clusters]}
         if words:
             metrics["word_categories"] = {k: v for k, v in words.items() if k in ("purity", "random_purity", "nmi",
                                                                                     "scored_words", "k")}
+            metrics["word_categories"]["examples"] = self._example_categories(words)
         return StageResult(annotations=annotations, artefacts=artefacts, metrics=metrics)
 
     @staticmethod
@@ -204,6 +210,15 @@ class ClusterStage(Stage):
             out["wordnet"] = score.get("majority")
         return out
 
+    @staticmethod
+    def _example_categories(words: dict, n: int = 6) -> list[dict]:
+        """The word groups to show a person: the purest by WordNet when it scored them, else the largest."""
+        groups = [{"words": ws[:10], **(words["wordnet"][i] if words.get("wordnet") else {})}
+                  for i, ws in enumerate(words["categories"])]
+        if words.get("wordnet"):
+            groups.sort(key=lambda g: -(g.get("share") or 0))
+        return groups[:n]
+
     def report(self, entry: dict) -> str:
         m = entry["stage_metrics"]
         if "k" not in m:
@@ -213,15 +228,22 @@ class ClusterStage(Stage):
                  f"{fmt(m.get('embed_texts_per_s'), 1)} texts/s); {m['algorithm']} found {m['k']} clusters"
                  + (f" (best silhouette {fmt(m['best_silhouette'], 3)})" if m.get("best_silhouette") is not None else "")
                  + f". Duplicates marked (kept in the pool, never trained on): {dups}; {m['empty']} empty texts.", "",
-                 "| cluster | texts | share | weight | named by |", "|---|---|---|---|---|"]
-        lines += [f"| {c['cluster']} | {c['size']} | {c['share']:.1%} | {c['weight']:.2f} | {c['name']} |"
-                  for c in m["clusters"]]
+                 "| cluster | texts | share | weight | named by | most typical text |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['cluster']} | {c['size']} | {c['share']:.1%} | {c['weight']:.2f} | {c['name']} | "
+                  f"{(c.get('typical') or [''])[0].replace('|', '/')} |" for c in m["clusters"]]
+        if m.get("centroid_agreement") is not None:
+            lines += ["", f"The saved centroids (embedding space) place {m['centroid_agreement']:.1%} of these texts in "
+                          "their own cluster."]
         words = m.get("word_categories")
         if words and words.get("purity") is not None:
             lines += ["", f"Word categories from the model's input embeddings: {words['k']} groups of "
                           f"{words['scored_words']} words WordNet knows, purity {words['purity']:.3f} against its "
                           f"lexicographer categories (random partition {words['random_purity']:.3f}), "
                           f"NMI {words['nmi']:.3f}."]
+        if words and words.get("examples"):
+            lines += ["", "| words grouped together | WordNet's category (share) |", "|---|---|"]
+            lines += [f"| {' '.join(g['words'])} | {g.get('category') or '-'}"
+                      + (f" ({g['share']:.0%})" if g.get("share") is not None else "") + " |" for g in words["examples"]]
         arts = entry.get("artefacts") or {}
         if "cluster_map" in arts:
             lines += ["", f"![clusters]({arts['cluster_map']})"]
