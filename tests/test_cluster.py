@@ -345,3 +345,23 @@ def test_lexical_vectors_join_the_partition_but_k_is_chosen_on_the_embedding():
     lex = clustering.lexical_vectors(texts)
     assert lex.shape[0] == 10 and np.allclose(lex[0], lex[4]) and float(lex[0] @ lex[9]) < 0.5
     assert clustering.lexical_vectors(["a", "b"]).shape == (2, 0)  # too few texts: no lexical view
+
+
+def test_a_second_round_clusters_only_what_the_first_kept(tmp_path):
+    corpus = tmp_path / "planted.txt"
+    texts = planted_corpus(corpus)
+    cfg = micro_config(tmp_path / "run", corpus, [{"cluster": cluster_options(map="none", word_categories=None)}],
+                       data={"heldout_fraction": 0.05, "min_chars": 10}, rounds=2)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    first, second = run_pipeline(path)["stages"]
+    assert first["decision"] == second["decision"] == "accepted"
+    hidden = first["stage_metrics"]["duplicate_total"]
+    assert hidden == 3 and second["stage_metrics"]["texts"] == first["stage_metrics"]["texts"] - hidden
+    assert second["stage_metrics"]["duplicate_total"] == 0  # nothing left to mark: the copies are hidden
+    run = tmp_path / "run"
+    layers = [json.loads((run / e["annotations"]["path"]).read_text()) for e in (first, second)]
+    pool = Pool.load(run / "data" / "pool").annotated(layers)
+    assert len(layers[0]["duplicate_of"]) == 3 and set(layers[0]["duplicate_of"]) <= set(pool.ds["id"])  # kept in the file
+    assert all(t in set(pool.ds["text"]) for t in texts[40:])  # the planted copies too
+    assert set(layers[1]["cluster"]) == set(pool.without_duplicates().ds["id"])  # round 2 saw the kept rows only
