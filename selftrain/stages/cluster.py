@@ -14,6 +14,7 @@ WordNet when it is installed (scoring only). Annotations: ``cluster``, ``duplica
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from selftrain.evaluation.word_categories import score_against, word_clusters
 from selftrain.modeling.embeddings import MINILM, embed_texts, load_encoder, minilm_dir
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
 from selftrain.training.precision import resolve_precision
-from selftrain.workspace import atomic_write_text
+from selftrain.workspace import atomic_write_bytes, atomic_write_text
 
 
 class DedupOptions(BaseModel):
@@ -123,8 +124,9 @@ class ClusterStage(Stage):
 
         # 2. embed and cluster the distinct texts
         kept = [i for i in range(len(texts)) if i not in duplicate and i not in empty]
-        model, tokenizer = state.load_model()
         embedder = config.embedder if config.embedder != "auto" else (MINILM if minilm_dir() else "model")
+        needs_model = embedder == "model" or config.word_categories is not None
+        model, tokenizer = state.load_model() if needs_model else (None, None)  # not loaded when nothing uses it
         encoder, encoder_tok = (model, tokenizer) if embedder == "model" else load_encoder(embedder)
         encoder = encoder.to(state.device)
         precision = resolve_precision(config.precision, state.device)
@@ -269,9 +271,9 @@ def _snippet(text: str, chars: int = 160) -> str:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def draw_map(vectors: np.ndarray, labels: np.ndarray, names: dict[int, str], path: Path, *,
@@ -303,8 +305,8 @@ def draw_map(vectors: np.ndarray, labels: np.ndarray, names: dict[int, str], pat
     if len(set(labels.tolist())) <= 20:
         ax.legend(fontsize=7, markerscale=2, loc="best", frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -18,6 +18,7 @@ import yaml
 
 from selftrain.errors import SelftrainError
 from selftrain.modeling.chat import render_prompt
+from selftrain.modeling.embeddings import load_encoder
 from selftrain.rewards.dialogue import Coherence, Embedder, Relevance, non_repetition
 from selftrain.stages.selfplay.env import EnvMetrics
 
@@ -52,11 +53,9 @@ def load_embedder(path: str | None, frozen_model, tokenizer) -> Embedder:
     """An explicit encoder directory, else the frozen start model's own hidden states."""
     if not path:
         return Embedder(frozen_model, tokenizer)
-    from transformers import AutoModel, AutoTokenizer
-
     if not Path(path).is_dir():
         raise SelftrainError(f"selfplay.embedding_model {path!r} is not a local model directory")
-    return Embedder(AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))
+    return Embedder(*load_encoder(path))
 
 
 class DialogueEnv(EnvMetrics):
