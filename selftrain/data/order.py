@@ -1,6 +1,8 @@
 """Data-order policies: in which order a training stage sees its texts.
 
-``random`` is the trainer's own shuffle. ``ascending`` / ``descending`` sort the texts by a pool
+``random`` is the trainer's own shuffle. ``paced`` is a curriculum: rows drawn easy to hard by
+``column`` under a competence schedule (``selftrain.data.pacing``; the pacing options sit beside
+``policy`` in the same mapping). ``ascending`` / ``descending`` sort the texts by a pool
 annotation column (``difficulty`` from a curriculum, say) and train them in that order; rows no
 stage annotated (None) come last either way, and ties keep pool order. ``weighted`` draws as
 many texts as there are, with replacement, each with probability proportional to the column's
@@ -15,17 +17,17 @@ from collections.abc import Sequence
 from typing import Literal
 
 import datasets
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from selftrain.data.pacing import PacingOptions
 from selftrain.errors import SelftrainError
 
 
-class OrderOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    policy: Literal["random", "ascending", "descending", "weighted"] = Field(
-        "random", description="random (shuffled), ascending / descending by `column`, or weighted draws by `column`.")
-    column: str | None = Field(None, description="Pool annotation column that sorts or weighs the texts (e.g. difficulty, weight).")
+class OrderOptions(PacingOptions):
+    policy: Literal["random", "ascending", "descending", "weighted", "paced"] = Field(
+        "random", description="random (shuffled), ascending / descending by `column`, weighted draws by `column`, "
+                              "or paced (a curriculum on `column` under `pacing`).")
+    column: str | None = Field(None, description="Pool annotation column that sorts, weighs or paces the texts (difficulty, weight).")
 
     @model_validator(mode="after")
     def _column_given(self):
@@ -76,7 +78,20 @@ def order_of(values: Sequence, policy: str, seed: int) -> list[int] | None:
 def pool_order(ds: datasets.Dataset, options: OrderOptions, seed: int,
                rows: Sequence[int] | None = None) -> list[int] | None:
     """The training order of ``rows`` of the pool dataset ``ds`` (positions into ``rows``, or into
-    ``ds`` when ``rows`` is None) under ``options``; None for random."""
-    if options.policy == "random":
+    ``ds`` when ``rows`` is None) under ``options``; None for random (and for paced, whose order is
+    drawn step by step by a sampler as training runs)."""
+    if options.policy in ("random", "paced"):
         return None
     return order_of(column_values(ds, options.column, rows), options.policy, seed)
+
+
+def inherited_order(options: OrderOptions, given: bool, artefacts: dict) -> OrderOptions:
+    """The order a training stage uses: its own ``order`` when the config gives one (``given``),
+    else the pacing an accepted ``curriculum`` stage published (artefact ``curriculum``), else
+    ``options`` (random)."""
+    if given or "curriculum" not in artefacts:
+        return options
+    import json
+
+    published = json.loads(artefacts["curriculum"].read_text())
+    return OrderOptions(policy="paced", column=published["column"], **published["pacing"])

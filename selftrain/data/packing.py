@@ -43,3 +43,22 @@ def pack_texts(texts: list[str], tokenizer, block_size: int, objective: str = "c
             f"({len(stream)} tokens): add text or lower block_size"
         )
     return packed
+
+
+def block_values(texts: list[str], values: list[float | None], tokenizer, block_size: int,
+                 objective: str = "clm") -> list[float | None]:
+    """For the blocks ``pack_texts(texts, ...)`` makes, the token-weighted mean of the ``values`` of
+    the texts each block holds (None where no text in the block has a value): a text's difficulty
+    carried to the packed rows a curriculum actually trains."""
+    import numpy as np
+
+    body = block_size - 2 if objective == "mlm" else block_size
+    lengths = [len(ids) + 1 for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    per_token = np.repeat(np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64), lengths)
+    n = len(per_token) // body
+    if n == 0:
+        return []
+    blocks = per_token[:n * body].reshape(n, body)
+    known = ~np.isnan(blocks)
+    sums, counts = np.where(known, blocks, 0.0).sum(1), known.sum(1)
+    return [float(s / c) if c else None for s, c in zip(sums, counts)]

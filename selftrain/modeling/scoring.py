@@ -180,3 +180,33 @@ def unshared_choice_loglikelihoods(model, tokenizer, prompts: list[str], choices
         out.append(flat[k:k + len(cs)])
         k += len(cs)
     return out
+
+
+@torch.no_grad()
+def sequence_losses(model, rows: list[list[int]], *, batch_size: int = 16, pad_id: int = 0) -> list[float]:
+    """Mean next-token negative log-likelihood of each row of token ids under a causal LM (nats per
+    predicted token; a row of fewer than 2 tokens predicts nothing and scores 0.0). Rows are
+    batched by length, so padding is rare; the model's train/eval mode is restored after."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out = [0.0] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = [i for i in order[start:start + batch_size] if len(rows[i]) >= 2]
+            if not idx:
+                continue
+            width = len(rows[idx[0]])
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(rows[i])] = torch.tensor(rows[i])
+                mask[r, :len(rows[i])] = 1
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(logits.device),
+                                  reduction="none").cpu() * mask[:, 1:]
+            for r, i in enumerate(idx):
+                out[i] = float(nll[r].sum() / mask[r, 1:].sum())
+    finally:
+        model.train(was_training)
+    return out

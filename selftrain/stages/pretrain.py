@@ -7,26 +7,26 @@ the pool is packed into fixed blocks and trained with ``transformers.Trainer`` (
 directory; a killed run resumes from the last complete one.
 
 ``order`` chooses the data order: random (shuffled blocks), ascending / descending by a pool
-annotation column (texts sorted before packing, blocks trained in turn), or weighted draws of
-texts by a column. ``adapter`` trains a LoRA adapter instead of every weight, merged on save.
+annotation column (texts sorted before packing, blocks trained in turn), weighted draws of
+texts by a column, or paced: a curriculum on a column (``selftrain.training.curriculum``). With
+no ``order`` of its own, a stage after an accepted ``curriculum`` stage trains under its pacing. ``adapter`` trains a LoRA adapter instead of every weight, merged on save.
 """
 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field
 
-from selftrain.data.order import OrderOptions, pool_order
-from selftrain.data.packing import count_tokens, pack_texts
+from selftrain.data.order import OrderOptions, column_values, inherited_order, pool_order
+from selftrain.data.packing import pack_texts
 from selftrain.errors import SelftrainError
 from selftrain.modeling.factory import save_checkpoint
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
 from selftrain.training.adapters import check_adapter
-from selftrain.training.lm import LMOptions, lm_arguments, lm_train
+from selftrain.training.curriculum import paced_lm_train
+from selftrain.training.lm import LMOptions, check_lm_input, lm_train
 
 
 class PretrainConfig(StageConfig, LMOptions):
@@ -37,7 +37,8 @@ class PretrainConfig(StageConfig, LMOptions):
     block_size: int = Field(128, ge=8, description="Tokens per packed training block.")
     data: Literal["pool", "real"] = Field("pool", description="Train on the whole pool or only real text.")
     order: OrderOptions = Field(default_factory=OrderOptions,
-                                description="Data order: {policy: random|ascending|descending|weighted, column: <pool column>}.")
+                                description="Data order: {policy: random|ascending|descending|weighted|paced, column: <pool column>, "
+                                            "pacing options when paced}; unset: the curriculum's pacing if one ran.")
 
 
 @register
@@ -55,17 +56,12 @@ class PretrainStage(Stage):
         return config.objective
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
-        self.objective(config, kind)
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # the values in trainer_args, before the run
-        lm_arguments(config, Path("unused"), seed=0, precision="fp32", device=device)
+        objective = self.objective(config, kind)
+        if config.order.policy == "paced" and objective != "clm" and (
+                config.order.length_warmup is not None or config.order.rescore_every is not None):
+            raise SelftrainError("pretrain.order: length_warmup and rescore_every need a causal LM (clm)")
         check_adapter(config.adapter, model)
-        context = getattr(model.config, "max_position_embeddings", None)
-        if context and config.block_size > context:
-            raise SelftrainError(f"pretrain.block_size={config.block_size} exceeds the model's context ({context})")
-        n = count_tokens(train_texts, tokenizer)
-        if n < config.block_size:
-            raise SelftrainError(f"the training text is shorter than one block: {n} tokens < "
-                                 f"pretrain.block_size={config.block_size}. Add text or lower block_size.")
+        check_lm_input(config, model, tokenizer, train_texts, config.block_size)
 
     def run(self, state: RunState, config: PretrainConfig) -> StageResult:
         objective = self.objective(config, state.kind)
@@ -74,19 +70,26 @@ class PretrainStage(Stage):
         rows = [i for i, o in enumerate(list(ds["origin"])) if config.data == "pool" or o == "real"]
         all_texts = list(ds["text"])
         texts = [all_texts[i] for i in rows]
-        order = pool_order(ds, config.order, state.seed, rows)  # positions into texts; None: random
-        if order is not None:
-            texts = [texts[i] for i in order]
-        blocks = pack_texts(texts, tokenizer, config.block_size, objective)
         trainer_dir = state.stage_dir / "trainer"
-        model, metrics = lm_train(model, tokenizer, blocks, config, objective=objective, out_dir=trainer_dir,
-                                  seed=state.seed, device=state.device, log=state.log, stage_key=state.stage_key,
-                                  report_to=state.config.run.report_to,
-                                  order=None if order is None else range(len(blocks)))  # packed in order: in turn
+        options = inherited_order(config.order, "order" in config.model_fields_set, state.artefacts)
+        if options.policy == "paced":
+            model, metrics = paced_lm_train(
+                model, tokenizer, texts, column_values(ds, options.column, rows), config, options,
+                block_size=config.block_size, objective=objective, out_dir=trainer_dir, seed=state.seed,
+                device=state.device, log=state.log, stage_key=state.stage_key, report_to=state.config.run.report_to)
+        else:
+            order = pool_order(ds, options, state.seed, rows)  # positions into texts; None: random
+            if order is not None:
+                texts = [texts[i] for i in order]
+            blocks = pack_texts(texts, tokenizer, config.block_size, objective)
+            model, metrics = lm_train(model, tokenizer, blocks, config, objective=objective, out_dir=trainer_dir,
+                                      seed=state.seed, device=state.device, log=state.log, stage_key=state.stage_key,
+                                      report_to=state.config.run.report_to,
+                                      order=None if order is None else range(len(blocks)))  # packed in order: in turn
+            metrics["blocks"] = len(blocks)
         model_dir = save_checkpoint(model, tokenizer, state.stage_dir / "model")
         shutil.rmtree(trainer_dir, ignore_errors=True)  # the saved model supersedes them
-        return StageResult(checkpoint=model_dir, metrics={"objective": objective, "blocks": len(blocks),
-                                                          "order": config.order.policy, **metrics})
+        return StageResult(checkpoint=model_dir, metrics={"objective": objective, "order": options.policy, **metrics})
 
     def report(self, entry: dict) -> str:
         m = entry["stage_metrics"]

@@ -17,8 +17,11 @@ from typing import Any, ClassVar
 import datasets
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.utils.data import Sampler
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+from selftrain.data.packing import count_tokens
+from selftrain.errors import SelftrainError
 from selftrain.training.adapters import LoraOptions, attach, merge
 from selftrain.training.arguments import build_arguments, check_scheduler, check_trainer_args
 from selftrain.training.callbacks import MetricsCallback
@@ -91,6 +94,21 @@ def lm_arguments(opts: LMOptions, out_dir: Path, *, seed: int, precision: str, d
     )
 
 
+def check_lm_input(opts: LMOptions, model, tokenizer, texts: list[str], block_size: int) -> None:
+    """SelftrainError, before anything is written, for LM training that cannot start: a bad
+    ``trainer_args`` value, a block longer than the model's context, text shorter than one block."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the values in trainer_args, before the run
+    lm_arguments(opts, Path("unused"), seed=0, precision="fp32", device=device)
+    p = opts.option_prefix
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and block_size > context:
+        raise SelftrainError(f"{p}block_size={block_size} exceeds the model's context ({context})")
+    n = count_tokens(texts, tokenizer)
+    if n < block_size:
+        raise SelftrainError(f"the training text is shorter than one block: {n} tokens < "
+                             f"{p}block_size={block_size}. Add text or lower block_size.")
+
+
 def last_complete_checkpoint(folder: Path) -> Path | None:
     """Newest ``checkpoint-N`` whose trainer_state.json exists (it is written last)."""
     ckpts = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if
@@ -115,17 +133,18 @@ class LMTrainer(OrderedSampling, Trainer):
 
 def lm_train(model, tokenizer, blocks: datasets.Dataset, opts: LMOptions, *, objective: str, out_dir: Path,
              seed: int, device: str, log: Callable[[dict], None] = lambda r: None, stage_key: str = "",
-             report_to: str = "none", order: Sequence[int] | None = None,
-             callbacks: list | None = None) -> tuple[Any, dict]:
+             report_to: str = "none", order: Sequence[int] | Sampler | None = None,
+             callbacks: list | None = None, collator: Callable | None = None) -> tuple[Any, dict]:
     """Train ``model`` on ``blocks`` (``input_ids`` rows of equal length) with ``objective`` clm or
     mlm; return (the trained plain model, metrics).
 
-    ``order`` lists block indices in the order they are trained (None: shuffled each epoch).
+    ``order`` lists block indices in the order they are trained (None: shuffled each epoch), or is a
+    sampler (a curriculum's). ``collator`` replaces the objective's own (sequence-length warm-up).
     Checkpoints stay in ``out_dir`` so a killed call resumes; remove it once the model is saved.
     """
     order = check_order(order, len(blocks))
     out_dir = Path(out_dir)
-    collator = (DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=opts.mlm_probability, seed=seed)
+    collator = collator or (DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=opts.mlm_probability, seed=seed)
                 if objective == "mlm" else CausalCollator())
     precision = resolve_precision(opts.precision, device)
     args = lm_arguments(opts, out_dir, seed=seed, precision=precision, device=device, report_to=report_to)
