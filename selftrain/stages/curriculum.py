@@ -143,8 +143,8 @@ class CurriculumStage(Stage):
             out = scorers.solve_rate(model, tokenizer, texts, family, samples=config.samples, seed=state.seed,
                                      chat=use_chat(config.chat, tokenizer, what="curriculum.chat"))
             if all(v is None for v in out):
-                raise SelftrainError(f"curriculum.difficulty=solve_rate: no text states a {config.family} problem "
-                                     "the family can parse; use a model-free or self_loss scorer for this pool")
+                raise SelftrainError(f"curriculum.difficulty=solve_rate: no text states a problem the {config.family} "
+                                     "family can parse; use a model-free or self_loss scorer for this pool")
             return out
         losses = scorers.self_loss(model, tokenizer, texts, max_tokens=config.max_tokens, progress=True)
         if name == "self_loss":

@@ -112,7 +112,8 @@ def schedule(options: PacingOptions, total_steps: int, block_size: int, points: 
 def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | None], opts: LMOptions,
                    pacing: PacingOptions, *, block_size: int, objective: str, out_dir: Path, seed: int,
                    device: str, log: Callable[[dict], None] = lambda r: None, stage_key: str = "",
-                   report_to: str = "none", probe_every: int | None = None) -> tuple[object, dict]:
+                   report_to: str = "none", probe_every: int | None = None,
+                   callbacks: list | None = None) -> tuple[object, dict]:
     """Train ``model`` on ``texts`` packed into blocks and drawn under ``pacing`` by ``difficulty``
     (one value per text; None ranks last); return (model, metrics with the curriculum trace)."""
     if len(texts) != len(difficulty):
@@ -152,7 +153,7 @@ def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | 
     out_dir.mkdir(parents=True, exist_ok=True)
     model, metrics = lm_train(model, tokenizer, blocks, opts, objective=objective, out_dir=out_dir, seed=seed,
                               device=device, log=log, stage_key=stage_key, report_to=report_to, order=sampler,
-                              callbacks=[callback], collator=collator)
+                              callbacks=[callback, *(callbacks or [])], collator=collator)
     known = [v for v in values if v is not None]
     return model, {**metrics, "blocks": len(blocks), "pacing": pacing.model_dump(), "fallback": fallback,
                    "block_difficulty": {"min": min(known), "max": max(known), "mean": sum(known) / len(known)},

@@ -1,0 +1,274 @@
+"""Benchmark: does easy-to-hard order help, with difficulty judged by the model itself?
+
+Every arm trains the same initial weights on the same data for the same number of steps; only
+the order of the rows differs. Several seeds; mean ± standard deviation.
+
+(a) ``pydocs``: a tiny Llama (tokenizer trained on the corpus) learns the standard library's
+    docstrings; difficulty is word rarity (Platanios et al. 2019's best model-free scorer, the
+    corpus's own unigram statistics), plus one self-paced arm that re-scores with the model's own
+    loss. Texts are sorted by difficulty and packed once, so every arm trains the very same
+    blocks; held-out perplexity on real docstrings after equal steps.
+
+(b) ``arith``: addition with 1- to 4-digit operands, learnt from scratch by a small Llama with a
+    character tokenizer (a pretrained model already knows addition, so any order effect would be
+    hidden; from scratch, 2 cores run many seeds). Fine-tuned on the answer (TRL SFT), exact-match
+    accuracy on 1,000 held-out problems every few steps. The curriculum judges difficulty itself:
+    after a warm-up in random order (counted in its steps) it scores every training problem by
+    its own loss on the answer and re-scores as it learns (self-paced); the bench reports how well
+    that judgement tracks digit count. Measure: steps to reach the random arm's final accuracy
+    (same seed), as a share of the budget. Target: <= 0.70.
+
+    python bench/curriculum.py [--part a|b|both] [--seeds 0 1 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+
+from selftrain.config import ModelConfig
+from selftrain.data.pacing import PacedSampler, PacingOptions
+from selftrain.data.sources import python_docstrings
+from selftrain.evaluation.difficulty import rarity
+from selftrain.evaluation.perplexity import heldout_perplexity
+from selftrain.modeling.factory import build_initial
+from selftrain.modeling.generation import SamplingParams, TransformersBackend
+from selftrain.modeling.scoring import loglikelihoods
+from selftrain.training.curriculum import paced_lm_train
+from selftrain.training.lm import LMOptions
+from selftrain.training.precision import resolve_precision
+from selftrain.training.sft import SFTOptions, sft_train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from adapters import cpu_flags  # noqa: E402
+
+ARMS = {  # name -> pacing (None: random order, the baseline)
+    "random": PacingOptions(pacing="none"),
+    "linear": PacingOptions(pacing="linear"),
+    "sqrt": PacingOptions(pacing="sqrt"),
+    "exponential": PacingOptions(pacing="exponential"),
+    "baby_steps": PacingOptions(pacing="baby_steps"),
+    "anti (sqrt)": PacingOptions(pacing="sqrt", direction="hard_first"),
+}
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+# ---------------------------------------------------------------------------- (a) pydocs
+def part_pydocs(seeds: list[int], steps: int, work: Path) -> dict:
+    docs = python_docstrings()
+    random.Random(0).shuffle(docs)
+    n_held = max(50, len(docs) // 20)
+    heldout, train = docs[:n_held], docs[n_held:]
+    arch = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "max_position_embeddings": 128}
+    _, tok, _ = build_initial(ModelConfig(preset="tiny", vocab_size=4096, architecture=arch), train, 0)
+    difficulty = rarity(train, tok)
+    arms = {**ARMS, "self-paced sqrt": PacingOptions(pacing="sqrt", rescore_every=max(1, steps // 5))}
+    opts = LMOptions(max_steps=steps, batch_size=16, learning_rate=2e-3, save_steps=10**6, logging_steps=max(1, steps // 5))
+    print(f"(a) pydocs: {len(train)} docstrings to train, {len(heldout)} held out; {steps} steps x 16 blocks of 64 "
+          f"tokens per arm; difficulty = rarity", flush=True)
+    ppl: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
+    for seed in seeds:
+        for name, pacing in arms.items():
+            model, _, _ = build_initial(ModelConfig(preset="tiny", vocab_size=4096, architecture=arch), train[:200], seed)
+            start = time.perf_counter()
+            model, _ = paced_lm_train(model, tok, train, difficulty, opts, pacing, block_size=64, objective="clm",
+                                      out_dir=work / f"a-{name}-{seed}", seed=seed, device="cpu",
+                                      probe_every=steps)
+            seconds.setdefault(name, []).append(time.perf_counter() - start)
+            ppl.setdefault(name, []).append(heldout_perplexity(model, tok, heldout, max_tokens=32768)["heldout_ppl"])
+            print(f"  seed {seed} {name:16s} held-out ppl {ppl[name][-1]:8.2f}  ({seconds[name][-1]:.0f} s)", flush=True)
+    base = mean_sd(ppl["random"])[0]
+    print(f"\n  {'order':16s} held-out ppl (mean ± sd over {len(seeds)} seeds)   ratio to random")
+    for name in arms:
+        m, s = mean_sd(ppl[name])
+        print(f"  {name:16s} {m:8.2f} ± {s:5.2f}   {m / base:.3f}")
+    return {"per_seed": ppl, "seconds": {k: round(statistics.mean(v), 1) for k, v in seconds.items()}}
+
+
+# ---------------------------------------------------------------------------- (b) arithmetic
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[BOS]", "[EOS]", "[UNK]", *"0123456789+="])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                                   unk_token="[UNK]", model_max_length=32)
+
+
+def problem(rng: random.Random) -> tuple[int, int]:
+    """Each operand's digit count uniform in 1..4, then the operand uniform among those numbers."""
+    def operand():
+        d = rng.randint(1, 4)
+        return rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1)
+    return operand(), operand()
+
+
+def problems(n: int, seed: int, exclude: set = frozenset()) -> list[tuple[int, int]]:
+    rng, out, seen = random.Random(seed), [], set(exclude)
+    while len(out) < n:
+        p = problem(rng)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def accuracy(model, tok, test: list[tuple[int, int]]) -> float:
+    texts = TransformersBackend(model, tok, batch_size=500).generate(
+        [f"{a}+{b}=" for a, b in test], SamplingParams(max_new_tokens=6, temperature=0.0))
+    return sum(t.strip() == str(a + b) for t, (a, b) in zip(texts, test)) / len(test)
+
+
+class Measure(TrainerCallback):
+    """Held-out accuracy every ``every`` steps (and at 0); for curriculum arms, the model's own
+    answer loss on every training problem at ``warmup`` and every ``rescore`` steps after, handed
+    to the sampler."""
+
+    def __init__(self, tok, test, every, sampler=None, pairs=None, warmup=None, rescore=None, digits=None):
+        self.tok, self.test, self.every, self.sampler = tok, test, every, sampler
+        self.pairs, self.warmup, self.rescore, self.digits = pairs, warmup, rescore, digits
+        self.curve: list[tuple[int, float]] = []
+        self.tracking: list[float] = []  # Spearman(self-judged difficulty, digit count) at each re-score
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.curve.append((0, accuracy(model, self.tok, self.test)))
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        step = state.global_step
+        if self.sampler is not None and step >= self.warmup and (step - self.warmup) % self.rescore == 0 \
+                and step < state.max_steps:
+            lls = loglikelihoods(model, self.tok, self.pairs, batch_size=1024)
+            losses = [-ll / len(c) for ll, (_, c) in zip(lls, self.pairs)]  # answer tokens ~ characters
+            self.sampler.rescore(losses)
+            self.tracking.append(float(spearmanr(losses, self.digits).statistic))
+            model.train()
+        if step % self.every == 0 or step == state.max_steps:
+            self.curve.append((step, accuracy(model, self.tok, self.test)))
+            model.train()
+
+
+def small_llama(tok, seed: int):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((s for s, acc in curve if acc >= target), None)
+
+
+def part_arith(seeds: list[int], steps: int, n_train: int, work: Path, arms: list[str]) -> dict:
+    tok = char_tokenizer()
+    test = problems(1000, 10_000)
+    train = problems(n_train, 0, exclude=set(test))
+    prompts, answers = [f"{a}+{b}=" for a, b in train], [str(a + b) for a, b in train]
+    digits = [max(len(str(a)), len(str(b))) for a, b in train]
+    warmup, rescore, every = steps // 10, steps // 5, max(1, steps // 20)
+    opts = SFTOptions(max_steps=steps, learning_rate=2e-3, batch_size=64, max_length=24, warmup_ratio=0.05)
+    print(f"\n(b) arithmetic: {n_train} training problems, 1,000 held out; {steps} steps x 64 problems per arm; "
+          f"curriculum arms: random order for {warmup} steps, then the model's own answer loss, re-scored every "
+          f"{rescore} steps", flush=True)
+    curves: dict[str, dict[int, list]] = {}
+    tracking: dict[int, list[float]] = {}
+    for seed in seeds:
+        for name in arms:
+            model = small_llama(tok, seed)
+            sampler, measure = None, None
+            if name != "random":
+                sampler = PacedSampler([0.0] * n_train, ARMS[name], total_steps=steps, per_step=64, seed=seed)
+                measure = Measure(tok, test, every, sampler, list(zip(prompts, answers)), warmup, rescore, digits)
+            else:
+                sampler = PacedSampler([0.0] * n_train, ARMS["random"], total_steps=steps, per_step=64, seed=seed)
+                measure = Measure(tok, test, every)
+            start = time.perf_counter()
+            sft_train(model, tok, prompts, answers, opts, out_dir=work / f"b-{name}-{seed}", seed=seed, device="cpu",
+                      order=sampler, callbacks=[measure])
+            curves.setdefault(name, {})[seed] = measure.curve
+            if measure.tracking:
+                tracking.setdefault(seed, measure.tracking)
+            print(f"  seed {seed} {name:12s} final acc {measure.curve[-1][1]:.3f}  "
+                  f"({time.perf_counter() - start:.0f} s)"
+                  + (f"  self-judged difficulty vs digits: Spearman {measure.tracking[0]:.2f} at step {warmup}"
+                     f" -> {measure.tracking[-1]:.2f}" if measure.tracking else ""), flush=True)
+    result = {"curves": {k: {str(s): c for s, c in v.items()} for k, v in curves.items()}, "arms": {}}
+    print(f"\n  {'order':12s} final acc (mean ± sd)   steps to reach random's final acc (share of {steps})")
+    for name in arms:
+        finals = [curves[name][s][-1][1] for s in seeds]
+        shares = []
+        for s in seeds:
+            reached = steps_to_reach(curves[name][s], curves["random"][s][-1][1])
+            shares.append(None if reached is None else reached / steps)
+        m, sd = mean_sd(finals)
+        got = [x for x in shares if x is not None]
+        share_txt = (f"{statistics.mean(got):.2f} ± {statistics.stdev(got) if len(got) > 1 else 0:.2f}"
+                     if got else "never") + (f" ({len(seeds) - len(got)} seed(s) never)" if len(got) < len(seeds) else "")
+        print(f"  {name:12s} {m:.3f} ± {sd:.3f}        {share_txt}")
+        result["arms"][name] = {"final_acc": finals, "share_of_steps": shares}
+    result["difficulty_vs_digits_spearman"] = tracking
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["a", "b", "both"], default="both")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps-a", type=int, default=400)
+    ap.add_argument("--steps-b", type=int, default=2000)
+    ap.add_argument("--train-b", type=int, default=20000, help="training problems in (b)")
+    ap.add_argument("--arms-b", nargs="+", default=["random", "sqrt", "linear", "baby_steps", "anti (sqrt)"])
+    ap.add_argument("--quick", action="store_true", help="one seed, few steps: a smoke run, not a measurement")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.steps_a, args.steps_b, args.train_b = [0], 40, 200, 4000
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    work = Path(tempfile.mkdtemp(prefix="curriculum-"))
+    print(f"cpu flags: {cpu_flags()}; precision {resolve_precision('auto', 'cpu')}; torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    out: dict = {}
+    if args.part in ("a", "both"):
+        out["pydocs"] = part_pydocs(args.seeds, args.steps_a, work)
+    if args.part in ("b", "both"):
+        out["arith"] = part_arith(args.seeds, args.steps_b, args.train_b, work, args.arms_b)
+    (work / "result.json").write_text(json.dumps(out))
+    line = {"bench": "curriculum", "metric": None, "value": None, "baseline": None, "ratio": None,
+            "target": "<= 0.70 of the steps", "met": None, "seeds": args.seeds, "details": str(work / "result.json")}
+    if "arith" in out:  # the headline: the best curriculum arm's mean share of steps to reach random's final accuracy
+        best, share = None, None
+        for name, arm in out["arith"]["arms"].items():
+            if name == "random" or any(x is None for x in arm["share_of_steps"]):
+                continue
+            m = statistics.mean(arm["share_of_steps"])
+            if share is None or m < share:
+                best, share = name, m
+        line.update(metric=f"arith_steps_to_random_final_acc_share ({best})", value=share, baseline=1.0,
+                    ratio=share, met=share is not None and share <= 0.70)
+    if "pydocs" in out:
+        ppl = out["pydocs"]["per_seed"]
+        line["pydocs_heldout_ppl"] = {k: round(statistics.mean(v), 2) for k, v in ppl.items()}
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
