@@ -25,6 +25,7 @@ from selftrain.tasks.families import make_family
 from selftrain.training.curriculum import LengthWarmupCollator, paced_lm_train
 from selftrain.training.lm import LMOptions
 from selftrain.training.sampling import check_order
+from selftrain.training.sft import SFTOptions, completion_curriculum, paced_by_curriculum, sft_train
 from tests.conftest import MICRO_ARCH, make_corpus, micro_config, pretrain
 
 PACINGS = ["linear", "sqrt", "exponential", "baby_steps"]
@@ -328,3 +329,25 @@ def test_model_scorers_where_no_model_applies_are_refused_before_anything_runs(t
     no_clusters = micro_config(tmp_path / "c", corpus_file, [curriculum(difficulty="cluster_loss", train=False)])
     with pytest.raises(SelftrainError, match="run the cluster stage before"):
         Runner(config_from_dict(no_clusters)).run()
+
+
+def test_sft_pairs_are_paced_by_the_models_own_completion_loss(micro, tmp_path):
+    model, tok, texts = micro
+    prompts = [t.split(".")[0] for t in texts[:24]]
+    completions = [" " + t.split(".")[1] if i % 2 else " zq xv jj" for i, t in enumerate(texts[:24])]
+    opts = SFTOptions(max_steps=3, batch_size=4, learning_rate=1e-3, pacing={"pacing": "linear", "c0": 0.25})
+    sampler, found = completion_curriculum(model, tok, prompts, completions, opts, seed=0)
+    first = sampler.draw(0)
+    easiest = sorted(range(24), key=lambda i: sampler.difficulty[i])[:sampler.open_rows(0)]
+    assert found["sft_pacing"] == "linear" and set(first) <= set(easiest) and sampler.open_rows(0) == 6
+    _, metrics = sft_train(model, tok, prompts, completions, opts, out_dir=tmp_path / "sft", seed=0, device="cpu")
+    assert metrics["sft_pacing"] == "linear" and metrics["sft_last_loss"] is not None
+
+    published = tmp_path / "curriculum.json"
+    published.write_text(json.dumps({"column": "difficulty", "pacing": PacingOptions(
+        pacing="exponential", rescore_every=5).model_dump()}))
+    inherited = paced_by_curriculum(SFTOptions(), {"curriculum": published})
+    assert inherited.pacing.pacing == "exponential" and inherited.pacing.rescore_every is None
+    assert paced_by_curriculum(SFTOptions(pacing=None), {"curriculum": published}).pacing is None  # opted out
+    with pytest.raises(ValueError, match="apply to LM training"):
+        SFTOptions(pacing={"rescore_every": 3})

@@ -85,13 +85,21 @@ def pool_order(ds: datasets.Dataset, options: OrderOptions, seed: int,
     return order_of(column_values(ds, options.column, rows), options.policy, seed)
 
 
-def inherited_order(options: OrderOptions, given: bool, artefacts: dict) -> OrderOptions:
-    """The order a training stage uses: its own ``order`` when the config gives one (``given``),
-    else the pacing an accepted ``curriculum`` stage published (artefact ``curriculum``), else
-    ``options`` (random)."""
-    if given or "curriculum" not in artefacts:
-        return options
+def published_pacing(artefacts: dict) -> tuple[str, PacingOptions] | None:
+    """(column, pacing) an accepted ``curriculum`` stage published (artefact ``curriculum``), or None."""
+    if "curriculum" not in artefacts:
+        return None
     import json
 
     published = json.loads(artefacts["curriculum"].read_text())
-    return OrderOptions(policy="paced", column=published["column"], **published["pacing"])
+    return published["column"], PacingOptions(**published["pacing"])
+
+
+def inherited_order(options: OrderOptions, given: bool, artefacts: dict) -> OrderOptions:
+    """The order a training stage uses: its own ``order`` when the config gives one (``given``),
+    else the pacing a ``curriculum`` stage published, else ``options`` (random)."""
+    published = None if given else published_pacing(artefacts)
+    if published is None:
+        return options
+    column, pacing = published
+    return OrderOptions(policy="paced", column=column, **pacing.model_dump())

@@ -34,7 +34,7 @@ from selftrain.modeling.factory import save_checkpoint
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
 from selftrain.tasks import TaskSpec, load_task
 from selftrain.training.adapters import check_adapter
-from selftrain.training.sft import SFTOptions, sft_train
+from selftrain.training.sft import SFTOptions, paced_by_curriculum, sft_train
 
 
 class FewshotConfig(StageConfig):
@@ -216,6 +216,7 @@ class FewshotStage(Stage):
         if not texts:
             raise SelftrainError(f"fewshot: the unlabelled set ({config.inputs}) is empty")
         model, tokenizer = state.load_model()
+        config = config.model_copy(update={"train": paced_by_curriculum(config.train, state.artefacts)})
         model, selected, history = self_train(model, tokenizer, task, texts, config, seed=state.seed,
                                               device=state.device, work_dir=state.stage_dir, log=state.log,
                                               stage_key=state.stage_key, measured=measured,

@@ -24,7 +24,7 @@ from selftrain.modeling.factory import save_checkpoint
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, register
 from selftrain.training.adapters import check_adapter
-from selftrain.training.sft import SFTOptions, sft_train
+from selftrain.training.sft import SFTOptions, paced_by_curriculum, sft_train
 
 MAX_SEEDS = 8
 
@@ -214,7 +214,8 @@ class SelfInstructStage(Stage):
         if config.train is not None:
             prompts = [response_prompt(a["instruction"], tokenizer, chat) for a in accepted]
             completions = [("" if chat else " ") + a["response"] for a in accepted]
-            model, train_metrics = sft_train(model, tokenizer, prompts, completions, config.train,
+            model, train_metrics = sft_train(model, tokenizer, prompts, completions,
+                                             paced_by_curriculum(config.train, state.artefacts),
                                              out_dir=state.stage_dir / "sft", seed=state.seed, device=state.device,
                                              log=state.log, stage_key=state.stage_key,
                                              report_to=state.config.run.report_to)

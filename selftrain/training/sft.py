@@ -3,15 +3,18 @@ the completion only. The ``fewshot`` (pseudo-labels) and ``self_instruct`` stage
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selftrain.modeling.scoring import split_pair
+from selftrain.data.order import published_pacing
+from selftrain.data.pacing import PacedSampler, PacingOptions, is_constant
+from selftrain.modeling.scoring import loglikelihoods, split_pair
 from selftrain.training.adapters import LoraOptions, lora_config, merge
 from selftrain.training.arguments import build_arguments
 from selftrain.training.callbacks import MetricsCallback
@@ -32,6 +35,27 @@ class SFTOptions(BaseModel):
     precision: Precision = Field("auto", description="auto: bf16 where the GPU or CPU has it, else fp32.")
     adapter: LoraOptions | None = Field(
         None, description="LoRA adapter ({type: lora, r, alpha, dropout, target_modules}), merged after training; null: full fine-tuning.")
+    pacing: PacingOptions | None = Field(
+        None, description="Curriculum: pairs ranked by the model's own loss on each completion, drawn under this pacing "
+                          "({pacing: sqrt, c0, ramp, ...}); null: shuffled, or a curriculum stage's pacing if one ran.")
+
+
+    @field_validator("pacing")
+    @classmethod
+    def _pairs_are_not_blocks(cls, v: PacingOptions | None) -> PacingOptions | None:
+        if v is not None and (v.rescore_every is not None or v.length_warmup is not None):
+            raise ValueError("rescore_every and length_warmup apply to LM training (pretrain, curriculum), not to SFT pairs")
+        return v
+
+
+def paced_by_curriculum(opts: SFTOptions, artefacts: dict) -> SFTOptions:
+    """``opts`` under the pacing an accepted ``curriculum`` stage published, when ``opts`` sets no
+    ``pacing`` of its own (the LM-only options dropped)."""
+    published = None if "pacing" in opts.model_fields_set else published_pacing(artefacts)
+    if published is None:
+        return opts
+    pacing = published[1].model_copy(update={"rescore_every": None, "length_warmup": None})
+    return opts.model_copy(update={"pacing": pacing})
 
 
 def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str], max_length: int,
@@ -57,7 +81,7 @@ def sft_train(model, tokenizer, prompts: list[str], completions: list[str], opts
 
     ``append_eos`` teaches the model to stop after a completion (instructions' responses); a
     pseudo-label is scored as a continuation, so there it is off and the loss is the label's alone.
-    ``order`` lists pair indices in training order (None: shuffled).
+    ``order`` lists pair indices in training order (None: shuffled, or paced by ``opts.pacing``).
     """
     from trl import SFTConfig, SFTTrainer  # heavy import, only when a stage trains
 
@@ -67,6 +91,9 @@ def sft_train(model, tokenizer, prompts: list[str], completions: list[str], opts
         # label loss fell 8.3 -> 3.0 instead of 6.8 -> 0.02). The Trainer sets up its own precision.
         raise RuntimeError("sft_train was called inside torch.autocast; call it outside (see `precision`)")
 
+    pacing_metrics = {}
+    if order is None and opts.pacing is not None and opts.pacing.pacing != "none":
+        order, pacing_metrics = completion_curriculum(model, tokenizer, prompts, completions, opts, seed)
     order = check_order(order, len(prompts))
     precision = resolve_precision(opts.precision, device)
     train = tokenize_pairs(tokenizer, prompts, completions, opts.max_length, append_eos)
@@ -88,5 +115,20 @@ def sft_train(model, tokenizer, prompts: list[str], completions: list[str], opts
     return merge(trainer.model), {"sft_pairs": len(prompts), "sft_loss": float(out.training_loss),
                                   "sft_first_loss": losses[0][1] if losses else None,
                                   "sft_last_loss": losses[-1][1] if losses else None,
-                                  "sft_seconds": round(time.perf_counter() - start, 1), "precision": precision}
+                                  "sft_seconds": round(time.perf_counter() - start, 1), "precision": precision,
+                                  **pacing_metrics}
+
+
+def completion_curriculum(model, tokenizer, prompts: list[str], completions: list[str], opts: SFTOptions,
+                          seed: int) -> tuple[PacedSampler | None, dict]:
+    """A paced sampler over the pairs, ranked by the model's own mean loss per completion token
+    (self-judged difficulty), and what it found; None (shuffled) when every pair scores the same.
+    Re-scoring during SFT is not done: ``rescore_every`` applies to LM training."""
+    lls = loglikelihoods(model, tokenizer, list(zip(prompts, completions)), batch_size=opts.batch_size)
+    difficulty = [-ll / len(split_pair(tokenizer, p, c)[1]) for ll, p, c in zip(lls, prompts, completions)]
+    if is_constant(difficulty):
+        return None, {"sft_pacing": "none (every pair scored the same)"}
+    per_step = opts.batch_size * opts.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    sampler = PacedSampler(difficulty, opts.pacing, total_steps=opts.max_steps, per_step=per_step, seed=seed)
+    return sampler, {"sft_pacing": opts.pacing.pacing, "sft_difficulty_mean": sum(difficulty) / len(difficulty)}
 
