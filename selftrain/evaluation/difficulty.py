@@ -20,21 +20,17 @@ Model-based scorers ask the model being trained:
 from __future__ import annotations
 
 import math
-import random
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from selftrain.errors import SelftrainError
 from selftrain.modeling.chat import render_prompt
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 from selftrain.modeling.scoring import sequence_losses
 
-MODEL_FREE = ("length", "rarity")
-MODEL_BASED = ("self_loss", "cluster_loss", "solve_rate")
-SCORERS = MODEL_FREE + MODEL_BASED
+MODEL_BASED = ("self_loss", "cluster_loss", "solve_rate")  # these ask a causal LM
 
 
 def token_ids(texts: Sequence[str], tokenizer) -> list[list[int]]:
@@ -125,16 +121,3 @@ def rank_combination(scores: Sequence[Sequence[float | None]]) -> list[float | N
         counts = (~np.isnan(ranks)).sum(0)
         means = np.where(counts > 0, np.nansum(ranks, 0) / np.maximum(counts, 1), np.nan)
     return [None if np.isnan(m) else float(m) for m in means]
-
-
-def sample_rows(n: int, limit: int | None, seed: int) -> list[int]:
-    """All row positions, or a seeded sample of ``limit`` of them, in order."""
-    if limit is None or n <= limit:
-        return list(range(n))
-    return sorted(random.Random(seed).sample(range(n), limit))
-
-
-def check_scorers(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in SCORERS]
-    if unknown:
-        raise SelftrainError(f"unknown difficulty scorer {unknown[0]!r}; choose from {', '.join(SCORERS)}")
