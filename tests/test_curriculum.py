@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+import selftrain.training.curriculum as curriculum_mod
 from selftrain.config import ModelConfig, config_from_dict
 from selftrain.data.pacing import PacedSampler, PacingOptions, competence, length_at, rank_rows
 from selftrain.data.pool import Pool
@@ -100,17 +101,24 @@ def test_seeds_reproduce_and_differ():
 
 
 def test_resume_continues_the_schedule_where_it_stopped():
-    """A resumed trainer skips the batches already trained and goes on: the steps after the cut
-    draw exactly what the uninterrupted run drew, rescored ranking included."""
-    _, whole = sampler("sqrt", steps=30)
-    _, resumed = sampler("sqrt", steps=30)
+    """A resumed trainer skips the batches already trained and goes on: given the ranking history
+    the checkpoint saved, the steps after the cut draw exactly what the uninterrupted run drew."""
+    difficulty, whole = sampler("sqrt", steps=30)
     new = [float(x) for x in random.Random(5).sample(range(200), 200)]
-    whole_draws = [whole.draw(t) for t in range(10)]
-    whole.rescore(new)
-    whole_draws += [whole.draw(t) for t in range(10, 30)]
-    resumed.rescore(new)  # the saved re-scored difficulty, loaded at resume
-    assert [resumed.draw(t) for t in range(12, 30)] == whole_draws[12:]
+    first = [whole.draw(t) for t in range(12)]
+    whole.rescore(new, from_step=12)  # re-scored at step 10, in force from 12
+    assert [whole.draw(t) for t in range(12)] == first  # steps already drawn keep their rows
+    resumed = PacedSampler(difficulty, whole.options, total_steps=30, per_step=8, seed=0, history=whole.history)
+    assert [resumed.draw(t) for t in range(30)] == [whole.draw(t) for t in range(30)]
+    assert whole.draw(12) != PacedSampler(difficulty, whole.options, total_steps=30, per_step=8, seed=0).draw(12)
     assert len(list(resumed)) == len(resumed) == 30 * 8
+
+
+def test_a_constant_ranking_draws_in_random_order_until_a_rescore():
+    s = PacedSampler([1.0] * 40, PacingOptions(pacing="linear", c0=0.1), total_steps=10, per_step=8, seed=0)
+    assert sorted(sum((s.draw(t) for t in range(5)), [])) == list(range(40))  # a permutation, not a subset
+    s.rescore([float(i) for i in range(40)], from_step=5)
+    assert max(s.draw(5)) < s.open_rows(5)  # ranked from there on: only the easiest open rows
 
 
 def test_sequence_length_warmup_splits_blocks_without_losing_tokens():
@@ -118,12 +126,14 @@ def test_sequence_length_warmup_splits_blocks_without_losing_tokens():
     lengths = [length_at(t, 100, 64, opts) for t in range(100)]
     assert lengths[0] == 8 and lengths[50:] == [64] * 50 and lengths == sorted(lengths)
     assert all(64 % n == 0 for n in lengths)
-    collator = LengthWarmupCollator(lambda step: length_at(step, 100, 64, opts))
+    collator = LengthWarmupCollator(lambda step: length_at(step, 100, 64, opts), micro_per_step=2)
     rows = [{"input_ids": list(range(i, i + 64))} for i in range(4)]
     batch = collator(rows)
     assert batch["input_ids"].shape == (32, 8) and batch["input_ids"].flatten().tolist() == sum((r["input_ids"] for r in rows), [])
-    collator.step = 99
-    assert collator(rows)["input_ids"].shape == (4, 64)
+    assert collator(rows)["input_ids"].shape == (32, 8)  # the second micro-batch of step 0
+    resumed = LengthWarmupCollator(lambda step: length_at(step, 100, 64, opts), micro_per_step=2, start_step=60)
+    assert resumed(rows)["input_ids"].shape == (4, 64)  # a resumed run starts at its step's length
+    assert length_at(0, 10, 13, PacingOptions(length_warmup=2)) == 13  # a prime block cannot be split
 
 
 def test_pacing_options_refuse_c0_outside_zero_one():
@@ -225,13 +235,56 @@ def test_equal_difficulty_trains_in_random_order_and_says_so(micro, tmp_path):
     assert m["fallback"].startswith("every block is equally difficult") and m["pacing"]["pacing"] == "none"
 
 
+class Spy(TrainerCallback):
+    """Records, per optimizer step, the rows the model is trained on (a forward hook in train mode)."""
+
+    def __init__(self, model):
+        self.step, self.seen = 0, {}
+        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        if module.training:
+            self.seen.setdefault(self.step, []).extend(tuple(r) for r in kwargs["input_ids"].tolist())
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.step = state.global_step
+
+
+def sorted_by(texts, difficulty):
+    order = rank_rows(difficulty, "easy_first", 0)
+    return [texts[i] for i in order], [difficulty[i] for i in order]
+
+
+def test_the_trainer_is_fed_only_the_open_blocks(micro, tmp_path):
+    """Through the real Trainer: every block trained at step t is among the c(t) easiest."""
+    _, tok, texts = micro
+    model = build_initial(ModelConfig(preset="tiny", vocab_size=320, architecture=MICRO_ARCH), texts, 0)[0]
+    difficulty = [float(len(t)) for t in texts]
+    opts = LMOptions(max_steps=8, batch_size=4, grad_accum=2, save_steps=1000, logging_steps=4)
+    pacing = PacingOptions(pacing="linear", c0=0.1, ramp=1.0)
+    spy = Spy(model)
+    paced_lm_train(model, tok, texts, difficulty, opts, pacing, block_size=32, objective="clm",
+                   out_dir=tmp_path / "t", seed=0, device="cpu", callbacks=[spy])
+    sorted_texts, sorted_difficulty = sorted_by(texts, difficulty)
+    blocks = [tuple(b) for b in curriculum_mod.pack_texts(sorted_texts, tok, 32)["input_ids"]]
+    reference = PacedSampler(curriculum_mod.block_values(sorted_texts, sorted_difficulty, tok, 32), pacing,
+                             total_steps=8, per_step=8, seed=0)
+    ranking, _ = reference.ranking_at(0)
+    assert sorted(spy.seen) == list(range(8)) and all(len(rows) == 8 for rows in spy.seen.values())
+    for step, rows in spy.seen.items():
+        open_blocks = {blocks[i] for i in ranking[:reference.open_rows(step)]}
+        assert set(rows) <= open_blocks, step
+    assert not set(spy.seen[7]) <= {blocks[i] for i in ranking[:reference.open_rows(0)]}  # harder blocks do come
+
+
 def test_a_killed_self_paced_run_resumes_with_its_rescored_ranking(micro, tmp_path, monkeypatch):
-    """Killed after a re-score and a checkpoint, the run resumes from the checkpoint with the
-    re-scored ranking (not the first one) and draws what the uninterrupted run drew."""
+    """Killed after a re-score and a checkpoint at the same step, the run resumes from the
+    checkpoint with the re-scored ranking (not the first one), draws what the uninterrupted run
+    drew, and its trace has every step once."""
     _, tok, texts = micro
     difficulty = [float(len(t)) for t in texts]
-    opts = LMOptions(max_steps=10, batch_size=4, learning_rate=3e-3, save_steps=5, logging_steps=5)
-    pacing = PacingOptions(pacing="linear", c0=0.2, ramp=1.0, rescore_every=4)
+    opts = LMOptions(max_steps=12, batch_size=4, learning_rate=3e-3, save_steps=5, logging_steps=5)
+    pacing = PacingOptions(pacing="linear", c0=0.2, ramp=1.0, rescore_every=5)
     draws: dict[str, dict[int, list[int]]] = {}
     draw = PacedSampler.draw
 
@@ -244,28 +297,28 @@ def test_a_killed_self_paced_run_resumes_with_its_rescored_ranking(micro, tmp_pa
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 7:
+            if state.global_step == 8:
                 raise KeyboardInterrupt
 
-    def fresh():
-        return build_initial(ModelConfig(preset="tiny", vocab_size=320, architecture=MICRO_ARCH), texts, 0)[0]
+    def train(name, out, **kw):
+        model = build_initial(ModelConfig(preset="tiny", vocab_size=320, architecture=MICRO_ARCH), texts, 0)[0]
+        monkeypatch.setattr(PacedSampler, "draw", recording(name))
+        return paced_lm_train(model, tok, texts, difficulty, opts, pacing, block_size=32, objective="clm",
+                              out_dir=tmp_path / out, seed=0, device="cpu", probe_every=2, **kw)[1]
 
-    monkeypatch.setattr(PacedSampler, "draw", recording("whole"))
-    _, whole = paced_lm_train(fresh(), tok, texts, difficulty, opts, pacing, block_size=32, objective="clm",
-                              out_dir=tmp_path / "whole", seed=0, device="cpu")
-    monkeypatch.setattr(PacedSampler, "draw", recording("killed"))
+    whole = train("whole", "whole")
     with pytest.raises(KeyboardInterrupt):
-        paced_lm_train(fresh(), tok, texts, difficulty, opts, pacing, block_size=32, objective="clm",
-                       out_dir=tmp_path / "cut", seed=0, device="cpu", callbacks=[Kill()])
-    saved = json.loads((tmp_path / "cut" / "curriculum_state.json").read_text())
-    assert saved["trace"]["rescored_at"] == [4]
-    monkeypatch.setattr(PacedSampler, "draw", recording("resumed"))
-    _, resumed = paced_lm_train(fresh(), tok, texts, difficulty, opts, pacing, block_size=32, objective="clm",
-                                out_dir=tmp_path / "cut", seed=0, device="cpu")
+        train("killed", "cut", callbacks=[Kill()])
+    resumed = train("resumed", "cut")
     assert resumed["resumed_from_step"] == 5
-    assert [draws["resumed"][t] for t in (5, 6, 7)] == [draws["whole"][t] for t in (5, 6, 7)]
-    assert resumed["rescored_at"] == whole["rescored_at"] == [4, 8]
-    assert [p["step"] for p in resumed["bucket_loss"]][:3] == [0, 1, 2]  # the killed attempt's trace is kept
+    monkeypatch.setattr(PacedSampler, "draw", draw)
+    first_ranking = PacedSampler(curriculum_mod.block_values(*sorted_by(texts, difficulty), tok, 32), pacing,
+                                 total_steps=12, per_step=4, seed=0)
+    assert draws["whole"][7] != first_ranking.draw(7)  # re-ranked from step 7
+    assert [draws["resumed"][t] for t in range(5, 12)] == [draws["whole"][t] for t in range(5, 12)]
+    assert resumed["rescored_at"] == whole["rescored_at"] == [5, 10]
+    steps = [p["step"] for p in resumed["bucket_loss"]]
+    assert steps == sorted(set(steps)) == [p["step"] for p in whole["bucket_loss"]]  # each once, in order
 
 
 # ---------------------------------------------------------------------------- the stage in a run
@@ -347,7 +400,10 @@ def test_sft_pairs_are_paced_by_the_models_own_completion_loss(micro, tmp_path):
     published.write_text(json.dumps({"column": "difficulty", "pacing": PacingOptions(
         pacing="exponential", rescore_every=5).model_dump()}))
     inherited = paced_by_curriculum(SFTOptions(), {"curriculum": published})
-    assert inherited.pacing.pacing == "exponential" and inherited.pacing.rescore_every is None
+    assert inherited.pacing.pacing == "exponential" and inherited.pacing.rescore_every == 5
     assert paced_by_curriculum(SFTOptions(pacing=None), {"curriculum": published}).pacing is None  # opted out
-    with pytest.raises(ValueError, match="apply to LM training"):
-        SFTOptions(pacing={"rescore_every": 3})
+    with pytest.raises(ValueError, match="length_warmup applies to packed LM blocks"):
+        SFTOptions(pacing={"length_warmup": 3})
+    self_paced = SFTOptions(max_steps=6, batch_size=4, learning_rate=1e-3, pacing={"pacing": "sqrt", "rescore_every": 2})
+    _, metrics = sft_train(model, tok, prompts, completions, self_paced, out_dir=tmp_path / "sp", seed=0, device="cpu")
+    assert metrics["sft_rescored"]["rescored_at"] == [2, 4]

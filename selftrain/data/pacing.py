@@ -13,10 +13,12 @@ open:
                    intervals (Spitkovsky et al. 2010; Cirik et al. 2016)
 - ``none``         no curriculum: each pass over the rows is a fresh seeded permutation (the baseline)
 
-Every draw is a function of (seed, step) alone, so a run resumed at step k draws exactly what the
-uninterrupted run drew from step k on, and ``rescore`` (self-paced mode) changes the ranking only
-for the steps after it. Ties in difficulty are broken by a seeded shuffle, not by pool order;
-rows with no difficulty (None) rank last.
+Every draw is a function of (seed, step, the ranking in force at that step): ``rescore`` (self-
+paced mode) adds a ranking that takes effect from a given step on, and the history of rankings is
+what a checkpoint saves, so a run resumed at step k draws exactly what the uninterrupted run drew
+from step k on. Ties in difficulty are broken by a seeded shuffle, not by pool order; rows with no
+difficulty (None) rank last. A ranking with no order at all (every difficulty equal) is drawn like
+``none``: a curriculum over a random subset would only be an arbitrary one.
 
 ``length_at`` is sequence-length warm-up (Li et al. 2022): the training length grows linearly from
 ``length_warmup`` tokens to the full block over the same ramp.
@@ -41,7 +43,7 @@ class PacingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pacing: Pacing = Field("sqrt", description="Competence schedule: none (random order), linear, sqrt, exponential, baby_steps.")
-    c0: float = Field(0.1, gt=0, le=1, description="Initial competence: share of the ranking open at step 0, in (0, 1].")
+    c0: float = Field(0.1, gt=0, le=1, description="Initial competence: share of the ranking open at step 0, in (0, 1] (baby_steps: 1/buckets).")
     ramp: float = Field(0.5, gt=0, le=1, description="Share of the steps over which competence grows from c0 to 1 (Platanios' T).")
     buckets: int = Field(5, ge=2, description="baby_steps: number of difficulty buckets opened one after another.")
     direction: Literal["easy_first", "hard_first"] = Field(
@@ -82,8 +84,8 @@ def length_at(step: int, total_steps: int, block_size: int, options: PacingOptio
         return block_size
     t = min(1.0, step / max(1.0, options.ramp * total_steps))
     target = options.length_warmup + (block_size - options.length_warmup) * t
-    fits = [d for d in range(1, block_size + 1) if block_size % d == 0 and d <= target]
-    return max(fits)
+    fits = [d for d in range(2, block_size + 1) if block_size % d == 0 and d <= target]  # 2: a row predicts a token
+    return max(fits, default=block_size)
 
 
 def rank_rows(difficulty: Sequence[float | None], direction: str, seed: int) -> list[int]:
@@ -122,24 +124,39 @@ class PacedSampler(Sampler[int]):
 
     ``per_step`` is every row one optimizer step consumes (micro-batch x accumulation x
     processes). Within a step rows are drawn without replacement while enough are open.
+    ``history`` is [(from_step, difficulty), ...]: the rankings in force from each step on.
     """
 
     def __init__(self, difficulty: Sequence[float | None], options: PacingOptions, *, total_steps: int,
-                 per_step: int, seed: int):
+                 per_step: int, seed: int, history: list | None = None):
         check_difficulty(difficulty)
         if total_steps < 1 or per_step < 1:
             raise SelftrainError(f"a paced sampler needs steps and rows per step >= 1; got {total_steps}, {per_step}")
         self.options, self.total_steps, self.per_step, self.seed = options, total_steps, per_step, seed
         self.n = len(difficulty)
-        self.rescore(difficulty)
+        self.history: list[tuple[int, list]] = []
+        self._rankings: list[tuple[int, list[int], bool]] = []
+        for from_step, values in history or [(0, difficulty)]:
+            self.rescore(values, from_step)
 
-    def rescore(self, difficulty: Sequence[float | None]) -> None:
-        """New difficulty for every row (self-paced mode); applies to the steps drawn after it."""
+    def rescore(self, difficulty: Sequence[float | None], from_step: int = 0) -> None:
+        """A new difficulty for every row (self-paced mode), in force from ``from_step`` on. Give a
+        step the data loader has not drawn yet (two past the current one: it fetches one ahead)."""
         check_difficulty(difficulty)
         if len(difficulty) != self.n:
             raise SelftrainError(f"rescore got {len(difficulty)} difficulties for {self.n} rows")
-        self.difficulty = list(difficulty)
-        self.ranking = rank_rows(self.difficulty, self.options.direction, self.seed)
+        self.history = [h for h in self.history if h[0] < from_step] + [(from_step, list(difficulty))]
+        self._rankings = [r for r in self._rankings if r[0] < from_step] + [
+            (from_step, rank_rows(difficulty, self.options.direction, self.seed), is_constant(difficulty))]
+
+    @property
+    def difficulty(self) -> list:
+        """The latest difficulty given."""
+        return self.history[-1][1]
+
+    def ranking_at(self, step: int) -> tuple[list[int], bool]:
+        """(ranking, whether it is constant) in force at ``step``."""
+        return next((r, c) for s, r, c in reversed(self._rankings) if s <= step)
 
     def competence(self, step: int) -> float:
         return competence(step, self.total_steps, self.options)
@@ -149,14 +166,15 @@ class PacedSampler(Sampler[int]):
         return max(1, min(self.n, math.ceil(self.competence(step) * self.n - 1e-9)))
 
     def draw(self, step: int) -> list[int]:
-        """The rows of optimizer step ``step``, a function of (seed, step) and the current ranking."""
-        if self.options.pacing == "none":  # consecutive slices of fresh seeded permutations
+        """The rows of optimizer step ``step``: a function of the seed, the step and the ranking in force."""
+        ranking, constant = self.ranking_at(step)
+        if self.options.pacing == "none" or constant:  # consecutive slices of fresh seeded permutations
             start = step * self.per_step
             return [self._permutation(s // self.n)[s % self.n] for s in range(start, start + self.per_step)]
         k = self.open_rows(step)
         rng = random.Random(self.seed * 1_000_003 + step)
         picks = rng.sample(range(k), self.per_step) if k >= self.per_step else rng.choices(range(k), k=self.per_step)
-        return [self.ranking[p] for p in picks]
+        return [ranking[p] for p in picks]
 
     def _permutation(self, epoch: int) -> list[int]:
         if getattr(self, "_epoch", None) != epoch:

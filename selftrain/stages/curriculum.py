@@ -99,7 +99,9 @@ class CurriculumStage(Stage):
         rows = [i for i, o in enumerate(list(ds["origin"])) if config.data == "pool" or o == "real"]
         all_ids, all_texts = list(ds["id"]), list(ds["text"])
         ids, texts = [all_ids[i] for i in rows], [all_texts[i] for i in rows]
-        scores = {name: self.score(name, model, tokenizer, texts, ds, rows, config, state) for name in config.difficulty}
+        cache: dict = {}  # self_loss, computed once when cluster_loss needs it too
+        scores = {name: self.score(name, model, tokenizer, texts, ds, rows, config, state, cache)
+                  for name in config.difficulty}
         difficulty = scores[config.difficulty[0]] if len(scores) == 1 else scorers.rank_combination(list(scores.values()))
         known = [(d, t) for d, t in zip(difficulty, texts) if d is not None]
         if not known:
@@ -133,7 +135,8 @@ class CurriculumStage(Stage):
         return result
 
     @staticmethod
-    def score(name: str, model, tokenizer, texts, ds, rows, config: CurriculumConfig, state: RunState) -> list:
+    def score(name: str, model, tokenizer, texts, ds, rows, config: CurriculumConfig, state: RunState,
+              cache: dict) -> list:
         if name == "length":
             return scorers.length(texts, tokenizer)
         if name == "rarity":
@@ -146,7 +149,9 @@ class CurriculumStage(Stage):
                 raise SelftrainError(f"curriculum.difficulty=solve_rate: no text states a problem the {config.family} "
                                      "family can parse; use a model-free or self_loss scorer for this pool")
             return out
-        losses = scorers.self_loss(model, tokenizer, texts, max_tokens=config.max_tokens, progress=True)
+        if "self_loss" not in cache:
+            cache["self_loss"] = scorers.self_loss(model, tokenizer, texts, max_tokens=config.max_tokens, progress=True)
+        losses = cache["self_loss"]
         if name == "self_loss":
             return losses
         if "cluster" not in ds.column_names:  # cluster_loss
@@ -164,7 +169,8 @@ class CurriculumStage(Stage):
                  f" (min {fmt(d['min'], 3)}, mean {fmt(d['mean'], 3)}, max {fmt(d['max'], 3)}; rank correlation "
                  f"with length {fmt(m.get('length_rank_correlation'), 2)})."]
         if m.get("constant"):
-            lines.append("Every text scored the same: there is no easy-to-hard order, so training ran in random order.")
+            lines.append("Every text scored the same: there is no easy-to-hard order"
+                         + (", so training ran in random order." if "pacing" in m else "."))
         if "pacing" in m:
             p = m["pacing"]
             resc = f", re-scored at steps {m['rescored_at']}" if m.get("rescored_at") else ""

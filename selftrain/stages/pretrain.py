@@ -71,7 +71,10 @@ class PretrainStage(Stage):
         all_texts = list(ds["text"])
         texts = [all_texts[i] for i in rows]
         trainer_dir = state.stage_dir / "trainer"
-        options = inherited_order(config.order, "order" in config.model_fields_set, state.artefacts)
+        given = "order" in config.model_fields_set
+        options = inherited_order(config.order, given, state.artefacts)
+        if not given and objective != "clm":  # a published pacing's LM-only options do not apply to mlm
+            options = options.model_copy(update={"rescore_every": None, "length_warmup": None})
         if options.policy == "paced":
             model, metrics = paced_lm_train(
                 model, tokenizer, texts, column_values(ds, options.column, rows), config, options,

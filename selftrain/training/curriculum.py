@@ -6,9 +6,9 @@ re-scoring, sequence-length warm-up, and the loss of each difficulty bucket trac
 texts of like difficulty, and a block's difficulty is the token-weighted mean of its texts'.
 
 Self-paced mode re-scores every block with the model being trained (its own mean token loss)
-every ``rescore_every`` steps. The latest scores and the trace are written to the trainer
-directory at each re-score and probe, so a killed run resumes with the ranking it had, not the
-first one.
+every ``rescore_every`` steps. The sampler's ranking history and the trace are saved into every
+Trainer checkpoint, so a killed run resumes with the rankings it had, not the first one, and
+draws what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from selftrain.data.pacing import (
     PacedSampler,
     PacingOptions,
+    check_difficulty,
     competence,
     is_constant,
     length_at,
@@ -32,66 +33,84 @@ from selftrain.data.pacing import (
 from selftrain.data.packing import block_values, pack_texts
 from selftrain.errors import SelftrainError
 from selftrain.modeling.scoring import sequence_losses
-from selftrain.training.lm import LMOptions, lm_train
+from selftrain.training.lm import LMOptions, last_complete_checkpoint, lm_train
 from selftrain.workspace import atomic_write_text
 
 PROBE_BUCKETS = 5  # difficulty quintiles whose loss is traced
 PROBE_ROWS = 16  # rows per bucket: enough for a stable mean, cheap to score
+STATE_FILE = "curriculum_state.json"  # beside each Trainer checkpoint
 
 
 class LengthWarmupCollator:
-    """Causal packed blocks cut to the warm-up length of the current step: B blocks of S tokens
-    become B*S/L rows of L tokens, so every token is still trained and a step's token count holds."""
+    """Causal packed blocks cut to the warm-up length of their step: B blocks of S tokens become
+    B*S/L rows of L tokens, so every token is still trained and a step's token count holds.
 
-    def __init__(self, length: Callable[[int], int]):
-        self.length, self.step = length, 0
+    The step is counted from the micro-batches collated (``micro_per_step`` per optimizer step,
+    from ``start_step`` on a resume), not told by a callback: the data loader collates a batch
+    before the trainer's step begins, so a told step would lag."""
+
+    def __init__(self, length: Callable[[int], int], micro_per_step: int, start_step: int = 0):
+        self.length, self.micro_per_step, self.start_step, self.calls = length, micro_per_step, start_step, 0
 
     def __call__(self, rows):
+        step = self.start_step + self.calls // self.micro_per_step
+        self.calls += 1
         ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
-        ids = ids.reshape(-1, self.length(self.step))
+        ids = ids.reshape(-1, self.length(step))
         return {"input_ids": ids, "labels": ids.clone()}
 
 
 class CurriculumCallback(TrainerCallback):
-    """Re-scores the sampler's rows with the current model (self-paced), tells the length warm-up
-    collator the step, and traces the mean loss of each difficulty bucket's probe rows."""
+    """Self-paced re-scoring (``score(model)`` -> a difficulty per sampler row, every
+    ``rescore_every`` steps, in force two steps later: the loader has drawn the next one already),
+    the loss of each difficulty bucket's probe rows (``probe(model)`` -> a loss per bucket), and
+    the sampler's ranking history and trace saved into each Trainer checkpoint, so a resumed run
+    goes on with the ranking it had."""
 
-    def __init__(self, sampler: PacedSampler, rows: list[list[int]], probes: list[list[int]], *,
-                 options: PacingOptions, probe_every: int, state_file: Path, trace: dict,
-                 log: Callable[[dict], None], stage_key: str, collator: LengthWarmupCollator | None = None,
-                 pad_id: int = 0):
-        self.sampler, self.rows, self.probes, self.options = sampler, rows, probes, options
-        self.probe_every, self.state_file, self.trace = probe_every, state_file, trace
-        self.log, self.stage_key, self.collator, self.pad_id = log, stage_key, collator, pad_id
+    def __init__(self, sampler: PacedSampler, options: PacingOptions, *, score: Callable | None,
+                 probe: Callable | None, probe_every: int, trace: dict, log: Callable[[dict], None], stage_key: str):
+        self.sampler, self.options, self.score, self.probe = sampler, options, score, probe
+        self.probe_every, self.trace, self.log, self.stage_key = probe_every, trace, log, stage_key
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not any(p["step"] == state.global_step for p in self.trace["bucket_loss"]):
-            self.probe(model, state.global_step)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.collator is not None:
-            self.collator.step = state.global_step
+        if state.global_step == 0:  # a resumed run has its earlier records from the checkpoint
+            self.record(model, 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         every = self.options.rescore_every
-        if every and step % every == 0 and step < state.max_steps:
-            self.sampler.rescore(sequence_losses(model, self.rows, pad_id=self.pad_id))
+        if self.score is not None and every and step % every == 0 and step + 2 <= state.max_steps:
+            self.sampler.rescore(self.score(model), from_step=step + 2)
             self.trace["rescored_at"].append(step)
-            self.save()
+            self.log({"stage": self.stage_key, "phase": "curriculum", "step": step, "rescored": True})
         if step % self.probe_every == 0 or step == state.max_steps:
-            self.probe(model, step)
+            self.record(model, step)
 
-    def probe(self, model, step: int) -> None:
-        losses = [sum(ls) / len(ls) for ls in
-                  (sequence_losses(model, [self.rows[i] for i in rows], pad_id=self.pad_id) for rows in self.probes)]
-        record = {"step": step, "competence": round(self.sampler.competence(step), 4), "losses": losses}
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            atomic_write_text(checkpoint / STATE_FILE, json.dumps({"history": self.sampler.history, "trace": self.trace}))
+
+    def record(self, model, step: int) -> None:
+        if self.probe is None:
+            return
+        record = {"step": step, "competence": round(self.sampler.competence(step), 4), "losses": self.probe(model)}
         self.trace["bucket_loss"].append(record)
         self.log({"stage": self.stage_key, "phase": "curriculum", **record})
-        self.save()
 
-    def save(self) -> None:
-        atomic_write_text(self.state_file, json.dumps({"difficulty": self.sampler.difficulty, "trace": self.trace}))
+
+def resumed_state(out_dir: Path) -> tuple[int, list | None, dict]:
+    """(step, ranking history, trace) saved with the checkpoint a resumed Trainer will load;
+    (0, None, empty trace) when there is none. The trace keeps only what came before that step."""
+    checkpoint = last_complete_checkpoint(out_dir)
+    empty = {"bucket_loss": [], "rescored_at": []}
+    if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
+        return 0, None, empty
+    step = int(checkpoint.name.split("-")[-1])
+    saved = json.loads((checkpoint / STATE_FILE).read_text())
+    trace = {"bucket_loss": [p for p in saved["trace"]["bucket_loss"] if p["step"] <= step],
+             "rescored_at": [s for s in saved["trace"]["rescored_at"] if s <= step]}
+    return step, saved["history"], trace
 
 
 def probe_rows(difficulty: list[float | None], seed: int) -> list[list[int]]:
@@ -118,39 +137,43 @@ def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | 
     (one value per text; None ranks last); return (model, metrics with the curriculum trace)."""
     if len(texts) != len(difficulty):
         raise SelftrainError(f"{len(texts)} texts but {len(difficulty)} difficulties")
-    if pacing.length_warmup is not None and objective != "clm":
-        raise SelftrainError("sequence-length warm-up (length_warmup) is for causal LM blocks; set it to null for mlm")
-    if pacing.rescore_every is not None and objective != "clm":
-        raise SelftrainError("self-paced re-scoring (rescore_every) scores with a causal LM's loss; set it to null for mlm")
+    check_difficulty(difficulty)
+    if objective != "clm" and (pacing.length_warmup is not None or pacing.rescore_every is not None):
+        raise SelftrainError("length_warmup and rescore_every need a causal LM: set them to null for mlm")
+    if pacing.length_warmup is not None and opts.trainer_args.get("dataloader_num_workers"):
+        raise SelftrainError("length_warmup counts batches in the training process: drop dataloader_num_workers")
     order = rank_rows(difficulty, "easy_first", seed)  # blocks of like difficulty; direction is the sampler's
     texts, difficulty = [texts[i] for i in order], [difficulty[i] for i in order]
     blocks = pack_texts(texts, tokenizer, block_size, objective)
     values = block_values(texts, difficulty, tokenizer, block_size, objective)
     fallback = None
     if pacing.pacing != "none" and is_constant(values):
-        # No ranking to follow: a "curriculum" would only open random subsets. Train in random order.
-        fallback = "every block is equally difficult: trained in random order (pacing none)"
-        pacing = pacing.model_copy(update={"pacing": "none"})
+        # No ranking to follow: a "curriculum" would open arbitrary subsets. The sampler draws in
+        # random order until a re-score (self-paced) gives it one.
+        fallback = "every block is equally difficult: random order" + (
+            " until the first re-score" if pacing.rescore_every else " (pacing none)")
+        if not pacing.rescore_every:
+            pacing = pacing.model_copy(update={"pacing": "none"})
         log({"stage": stage_key, "phase": "curriculum", "warning": fallback})
-    probes = probe_rows(values, seed)  # by the first difficulty, so a resumed run probes the same rows
     out_dir = Path(out_dir)
-    state_file = out_dir / "curriculum_state.json"
-    trace = {"bucket_loss": [], "rescored_at": []}
-    if state_file.is_file():  # a killed attempt: resume with the ranking and trace it had
-        saved = json.loads(state_file.read_text())
-        if len(saved["difficulty"]) == len(values):
-            values, trace = saved["difficulty"], saved["trace"]
+    start_step, history, trace = resumed_state(out_dir)  # a killed attempt: go on with its ranking
     per_step = opts.batch_size * opts.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
-    sampler = PacedSampler(values, pacing, total_steps=opts.max_steps, per_step=per_step, seed=seed)
+    sampler = PacedSampler(values, pacing, total_steps=opts.max_steps, per_step=per_step, seed=seed, history=history)
     collator = None
     if pacing.length_warmup is not None:
-        collator = LengthWarmupCollator(lambda step: length_at(step, opts.max_steps, block_size, pacing))
+        collator = LengthWarmupCollator(lambda step: length_at(step, opts.max_steps, block_size, pacing),
+                                        opts.grad_accum, start_step)
     rows = list(blocks["input_ids"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    callback = CurriculumCallback(sampler, rows, probes, options=pacing,
-                                  probe_every=probe_every or max(1, opts.max_steps // 10), state_file=state_file,
-                                  trace=trace, log=log, stage_key=stage_key, collator=collator, pad_id=pad)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    probes = probe_rows(values, seed) if objective == "clm" else []  # by the first ranking, resumed or not
+
+    def probe(m):
+        return [sum(ls) / len(ls) for ls in (sequence_losses(m, [rows[i] for i in p], pad_id=pad) for p in probes)]
+
+    callback = CurriculumCallback(sampler, pacing, score=(lambda m: sequence_losses(m, rows, pad_id=pad))
+                                  if objective == "clm" else None, probe=probe if probes else None,
+                                  probe_every=probe_every or max(1, opts.max_steps // 10), trace=trace, log=log,
+                                  stage_key=stage_key)
     model, metrics = lm_train(model, tokenizer, blocks, opts, objective=objective, out_dir=out_dir, seed=seed,
                               device=device, log=log, stage_key=stage_key, report_to=report_to, order=sampler,
                               callbacks=[callback, *(callbacks or [])], collator=collator)

@@ -18,6 +18,7 @@ from selftrain.modeling.scoring import loglikelihoods, split_pair
 from selftrain.training.adapters import LoraOptions, lora_config, merge
 from selftrain.training.arguments import build_arguments
 from selftrain.training.callbacks import MetricsCallback
+from selftrain.training.curriculum import CurriculumCallback
 from selftrain.training.precision import Precision, resolve_precision
 from selftrain.training.sampling import check_order, ordered
 from selftrain.training.tracking import train_and_clean
@@ -36,25 +37,25 @@ class SFTOptions(BaseModel):
     adapter: LoraOptions | None = Field(
         None, description="LoRA adapter ({type: lora, r, alpha, dropout, target_modules}), merged after training; null: full fine-tuning.")
     pacing: PacingOptions | None = Field(
-        None, description="Curriculum: pairs ranked by the model's own loss on each completion, drawn under this pacing "
-                          "({pacing: sqrt, c0, ramp, ...}); null: shuffled, or a curriculum stage's pacing if one ran.")
+        None, description="Curriculum: pairs ranked by the model's own -log p(completion), drawn under this pacing "
+                          "({pacing: sqrt, c0, ramp, rescore_every, ...}); null: shuffled, or a curriculum stage's pacing.")
 
 
     @field_validator("pacing")
     @classmethod
     def _pairs_are_not_blocks(cls, v: PacingOptions | None) -> PacingOptions | None:
-        if v is not None and (v.rescore_every is not None or v.length_warmup is not None):
-            raise ValueError("rescore_every and length_warmup apply to LM training (pretrain, curriculum), not to SFT pairs")
+        if v is not None and v.length_warmup is not None:
+            raise ValueError("length_warmup applies to packed LM blocks (pretrain, curriculum), not to SFT pairs")
         return v
 
 
 def paced_by_curriculum(opts: SFTOptions, artefacts: dict) -> SFTOptions:
     """``opts`` under the pacing an accepted ``curriculum`` stage published, when ``opts`` sets no
-    ``pacing`` of its own (the LM-only options dropped)."""
+    ``pacing`` of its own (length warm-up, which only packed blocks have, dropped)."""
     published = None if "pacing" in opts.model_fields_set else published_pacing(artefacts)
     if published is None:
         return opts
-    pacing = published[1].model_copy(update={"rescore_every": None, "length_warmup": None})
+    pacing = published[1].model_copy(update={"length_warmup": None})
     return opts.model_copy(update={"pacing": pacing})
 
 
@@ -91,9 +92,14 @@ def sft_train(model, tokenizer, prompts: list[str], completions: list[str], opts
         # label loss fell 8.3 -> 3.0 instead of 6.8 -> 0.02). The Trainer sets up its own precision.
         raise RuntimeError("sft_train was called inside torch.autocast; call it outside (see `precision`)")
 
-    pacing_metrics = {}
+    pacing_metrics, curriculum_callbacks = {}, []
     if order is None and opts.pacing is not None and opts.pacing.pacing != "none":
         order, pacing_metrics = completion_curriculum(model, tokenizer, prompts, completions, opts, seed)
+        if order is not None and opts.pacing.rescore_every:
+            curriculum_callbacks.append(CurriculumCallback(
+                order, opts.pacing, score=lambda m: completion_difficulty(m, tokenizer, prompts, completions, opts),
+                probe=None, probe_every=opts.max_steps, trace=pacing_metrics.setdefault("sft_rescored", {
+                    "bucket_loss": [], "rescored_at": []}), log=log, stage_key=stage_key))
     order = check_order(order, len(prompts))
     precision = resolve_precision(opts.precision, device)
     train = tokenize_pairs(tokenizer, prompts, completions, opts.max_length, append_eos)
@@ -107,7 +113,7 @@ def sft_train(model, tokenizer, prompts: list[str], completions: list[str], opts
     )
     callback = MetricsCallback(log, stage_key)
     trainer = ordered(SFTTrainer)(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                                 callbacks=[callback, *(callbacks or [])], order=order,
+                                 callbacks=[callback, *curriculum_callbacks, *(callbacks or [])], order=order,
                                  peft_config=lora_config(opts.adapter, model) if opts.adapter else None)
     start = time.perf_counter()
     out = train_and_clean(trainer, out_dir)
@@ -119,16 +125,19 @@ def sft_train(model, tokenizer, prompts: list[str], completions: list[str], opts
                                   **pacing_metrics}
 
 
+def completion_difficulty(model, tokenizer, prompts: list[str], completions: list[str], opts: SFTOptions) -> list[float]:
+    """-log p(completion | prompt) under the model: its own odds of producing the whole completion."""
+    return [-ll for ll in loglikelihoods(model, tokenizer, list(zip(prompts, completions)), batch_size=opts.batch_size)]
+
+
 def completion_curriculum(model, tokenizer, prompts: list[str], completions: list[str], opts: SFTOptions,
                           seed: int) -> tuple[PacedSampler | None, dict]:
-    """A paced sampler over the pairs, ranked by the model's own mean loss per completion token
-    (self-judged difficulty), and what it found; None (shuffled) when every pair scores the same.
-    Re-scoring during SFT is not done: ``rescore_every`` applies to LM training."""
-    lls = loglikelihoods(model, tokenizer, list(zip(prompts, completions)), batch_size=opts.batch_size)
-    difficulty = [-ll / len(split_pair(tokenizer, p, c)[1]) for ll, p, c in zip(lls, prompts, completions)]
-    if is_constant(difficulty):
+    """A paced sampler over the pairs, ranked by the model's own -log p(completion) (self-judged
+    difficulty), and what it found; None (shuffled) when every pair scores the same and no
+    re-score is to come."""
+    difficulty = completion_difficulty(model, tokenizer, prompts, completions, opts)
+    if is_constant(difficulty) and not opts.pacing.rescore_every:
         return None, {"sft_pacing": "none (every pair scored the same)"}
     per_step = opts.batch_size * opts.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
     sampler = PacedSampler(difficulty, opts.pacing, total_steps=opts.max_steps, per_step=per_step, seed=seed)
     return sampler, {"sft_pacing": opts.pacing.pacing, "sft_difficulty_mean": sum(difficulty) / len(difficulty)}
-
