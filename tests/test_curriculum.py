@@ -145,6 +145,9 @@ def test_pacing_options_refuse_c0_outside_zero_one():
         with pytest.raises(SelftrainError, match="c0"):
             stage_specs(config_from_dict(cfg))
     assert competence(0, 10, PacingOptions(pacing="linear", c0=1.0)) == 1.0  # c0 = 1: everything open, allowed
+    cfg["stages"] = [{"pretrain": {"order": {"policy": "weighted", "column": "weight", "pacing": "sqrt"}}}]
+    with pytest.raises(SelftrainError, match="pacing option: it needs order.policy=paced"):
+        stage_specs(config_from_dict(cfg))
 
 
 def test_bad_difficulty_is_refused():
@@ -351,6 +354,8 @@ def test_the_stage_scores_trains_easy_to_hard_and_paces_the_stages_after_it(tmp_
     assert set(marks["difficulty"]) == set(pool.ds["id"])  # every row scored
     assert all(0.0 <= d <= 1.0 for d in marks["difficulty"].values())  # rank-combined: percentiles
     assert inherited["stage_metrics"]["order"] == "paced" and own["stage_metrics"]["order"] == "random"
+    assert inherited["stage_metrics"]["rescored_at"] == []  # inherited rescore_every=8, 6 steps: none due
+    assert (run / inherited["artefacts"]["curriculum_competence"]).is_file()
     report = (run / "report.md").read_text()
     assert "![competence]" in report and "![loss per bucket]" in report and "Hardest:" in report
 
@@ -389,6 +394,7 @@ def test_sft_pairs_are_paced_by_the_models_own_completion_loss(micro, tmp_path):
     prompts = [t.split(".")[0] for t in texts[:24]]
     completions = [" " + t.split(".")[1] if i % 2 else " zq xv jj" for i, t in enumerate(texts[:24])]
     opts = SFTOptions(max_steps=3, batch_size=4, learning_rate=1e-3, pacing={"pacing": "linear", "c0": 0.25})
+    assert completion_curriculum(model, tok, ["Q"] * 4, [" a"] * 4, opts, seed=0)[0] is None  # all equal: shuffled
     sampler, found = completion_curriculum(model, tok, prompts, completions, opts, seed=0)
     first = sampler.draw(0)
     easiest = sorted(range(24), key=lambda i: sampler.difficulty[i])[:sampler.open_rows(0)]

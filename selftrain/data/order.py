@@ -12,6 +12,7 @@ is drawn at the mean weight of the others, neither favoured nor left out.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from typing import Literal
@@ -33,6 +34,9 @@ class OrderOptions(PacingOptions):
     def _column_given(self):
         if self.policy != "random" and not self.column:
             raise ValueError(f"order.policy={self.policy} needs order.column (a pool annotation column)")
+        pacing = sorted(set(PacingOptions.model_fields) & self.model_fields_set)
+        if self.policy != "paced" and pacing:
+            raise ValueError(f"order.{pacing[0]} is a pacing option: it needs order.policy=paced")
         return self
 
 
@@ -89,8 +93,6 @@ def published_pacing(artefacts: dict) -> tuple[str, PacingOptions] | None:
     """(column, pacing) an accepted ``curriculum`` stage published (artefact ``curriculum``), or None."""
     if "curriculum" not in artefacts:
         return None
-    import json
-
     published = json.loads(artefacts["curriculum"].read_text())
     return published["column"], PacingOptions(**published["pacing"])
 

@@ -25,7 +25,7 @@ from selftrain.errors import SelftrainError
 from selftrain.modeling.factory import save_checkpoint
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
 from selftrain.training.adapters import check_adapter
-from selftrain.training.curriculum import paced_lm_train
+from selftrain.training.curriculum import draw_curriculum, paced_lm_train
 from selftrain.training.lm import LMOptions, check_lm_input, lm_train
 
 
@@ -92,7 +92,11 @@ class PretrainStage(Stage):
             metrics["blocks"] = len(blocks)
         model_dir = save_checkpoint(model, tokenizer, state.stage_dir / "model")
         shutil.rmtree(trainer_dir, ignore_errors=True)  # the saved model supersedes them
-        return StageResult(checkpoint=model_dir, metrics={"objective": objective, "order": options.policy, **metrics})
+        artefacts = {}
+        if options.policy == "paced":
+            artefacts = draw_curriculum(metrics, state.stage_dir / "competence.png", state.stage_dir / "bucket_loss.png")
+        return StageResult(checkpoint=model_dir, artefacts=artefacts,
+                           metrics={"objective": objective, "order": options.policy, **metrics})
 
     def report(self, entry: dict) -> str:
         m = entry["stage_metrics"]
@@ -100,6 +104,15 @@ class PretrainStage(Stage):
             return ""
         how = f"LoRA adapter ({m['adapter']}, merged)" if m.get("adapter") else "every weight trained"
         resumed = f"; resumed from step {m['resumed_from_step']}" if m.get("resumed_from_step") else ""
-        return (f"{m['objective']} on {m['blocks']} packed blocks, order {m.get('order', 'random')}, {how}, "
+        order = m.get("order", "random")
+        if order == "paced":
+            p = m["pacing"]
+            order = f"paced ({p['pacing']}, {p['direction']}, c0 {p['c0']}, ramp {p['ramp']})"
+        text = (f"{m['objective']} on {m['blocks']} packed blocks, order {order}, {how}, "
                 f"{m.get('precision')}: logged loss {fmt(m.get('first_logged_loss'), 3)} -> "
                 f"{fmt(m.get('last_logged_loss'), 3)}, {fmt(m.get('train_tokens_per_s'), 0)} tokens/s{resumed}.")
+        arts = entry.get("artefacts") or {}
+        for name, title in (("curriculum_competence", "competence"), ("curriculum_bucket_loss", "loss per bucket")):
+            if name in arts:
+                text += f"\n\n![{title}]({arts[name]})"
+        return text
