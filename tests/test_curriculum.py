@@ -145,9 +145,11 @@ def test_pacing_options_refuse_c0_outside_zero_one():
         with pytest.raises(SelftrainError, match="c0"):
             stage_specs(config_from_dict(cfg))
     assert competence(0, 10, PacingOptions(pacing="linear", c0=1.0)) == 1.0  # c0 = 1: everything open, allowed
-    cfg["stages"] = [{"pretrain": {"order": {"policy": "weighted", "column": "weight", "pacing": "sqrt"}}}]
+    cfg["stages"] = [{"pretrain": {"order": {"policy": "weighted", "column": "weight", "pacing": "linear"}}}]
     with pytest.raises(SelftrainError, match="pacing option: it needs order.policy=paced"):
         stage_specs(config_from_dict(cfg))
+    from selftrain.stages.pretrain import PretrainConfig
+    assert PretrainConfig(**PretrainConfig().model_dump(mode="json")).order.policy == "random"  # a dump loads back
 
 
 def test_bad_difficulty_is_refused():
@@ -319,7 +321,7 @@ def test_a_killed_self_paced_run_resumes_with_its_rescored_ranking(micro, tmp_pa
                                  total_steps=12, per_step=4, seed=0)
     assert draws["whole"][7] != first_ranking.draw(7)  # re-ranked from step 7
     assert [draws["resumed"][t] for t in range(5, 12)] == [draws["whole"][t] for t in range(5, 12)]
-    assert resumed["rescored_at"] == whole["rescored_at"] == [5, 10]
+    assert resumed["rescored_at"] == whole["rescored_at"] == [5]  # at 10 it would be in force from 12: none left
     steps = [p["step"] for p in resumed["bucket_loss"]]
     assert steps == sorted(set(steps)) == [p["step"] for p in whole["bucket_loss"]]  # each once, in order
 
@@ -410,6 +412,21 @@ def test_sft_pairs_are_paced_by_the_models_own_completion_loss(micro, tmp_path):
     assert paced_by_curriculum(SFTOptions(pacing=None), {"curriculum": published}).pacing is None  # opted out
     with pytest.raises(ValueError, match="length_warmup applies to packed LM blocks"):
         SFTOptions(pacing={"length_warmup": 3})
-    self_paced = SFTOptions(max_steps=6, batch_size=4, learning_rate=1e-3, pacing={"pacing": "sqrt", "rescore_every": 2})
+    self_paced = SFTOptions(max_steps=7, batch_size=4, learning_rate=1e-3, pacing={"pacing": "sqrt", "rescore_every": 2})
     _, metrics = sft_train(model, tok, prompts, completions, self_paced, out_dir=tmp_path / "sp", seed=0, device="cpu")
     assert metrics["sft_rescored"]["rescored_at"] == [2, 4]
+
+
+def test_a_checkpoint_cut_before_its_curriculum_state_is_not_resumed(tmp_path):
+    """The Trainer marks a checkpoint complete before the curriculum adds its state: a kill in
+    between leaves a checkpoint that would resume with the first ranking; it is dropped instead."""
+    for step, with_state in ((5, True), (10, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        if with_state:
+            trace = {"bucket_loss": [{"step": 4}, {"step": 6}], "rescored_at": [5]}
+            (folder / curriculum_mod.STATE_FILE).write_text(json.dumps({"history": [[0, [1.0]], [7, [2.0]]], "trace": trace}))
+    step, history, trace = curriculum_mod.resumed_state(tmp_path)
+    assert step == 5 and history == [[0, [1.0]], [7, [2.0]]] and not (tmp_path / "checkpoint-10").exists()
+    assert [p["step"] for p in trace["bucket_loss"]] == [4]  # what came after the checkpoint is redone

@@ -34,8 +34,8 @@ class OrderOptions(PacingOptions):
     def _column_given(self):
         if self.policy != "random" and not self.column:
             raise ValueError(f"order.policy={self.policy} needs order.column (a pool annotation column)")
-        pacing = sorted(set(PacingOptions.model_fields) & self.model_fields_set)
-        if self.policy != "paced" and pacing:
+        pacing = sorted(f for f, info in PacingOptions.model_fields.items() if getattr(self, f) != info.default)
+        if self.policy != "paced" and pacing:  # defaults pass, so a full dump of a config loads back
             raise ValueError(f"order.{pacing[0]} is a pacing option: it needs order.policy=paced")
         return self
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class CurriculumCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         every = self.options.rescore_every
-        if self.score is not None and every and step % every == 0 and step + 2 <= state.max_steps:
+        if self.score is not None and every and step % every == 0 and step + 2 < state.max_steps:
             self.sampler.rescore(self.score(model), from_step=step + 2)
             self.trace["rescored_at"].append(step)
             self.log({"stage": self.stage_key, "phase": "curriculum", "step": step, "rescored": True})
@@ -101,10 +102,14 @@ class CurriculumCallback(TrainerCallback):
 
 def resumed_state(out_dir: Path) -> tuple[int, list | None, dict]:
     """(step, ranking history, trace) saved with the checkpoint a resumed Trainer will load;
-    (0, None, empty trace) when there is none. The trace keeps only what came before that step."""
-    checkpoint = last_complete_checkpoint(out_dir)
+    (0, None, empty trace) when there is none. The trace keeps only what came before that step.
+
+    The Trainer marks a checkpoint complete before ``on_save`` adds the curriculum's state, so a
+    checkpoint without it was cut in between: it is removed and the one before it is resumed."""
     empty = {"bucket_loss": [], "rescored_at": []}
-    if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
+    while (checkpoint := last_complete_checkpoint(out_dir)) is not None and not (checkpoint / STATE_FILE).is_file():
+        shutil.rmtree(checkpoint)
+    if checkpoint is None:
         return 0, None, empty
     step = int(checkpoint.name.split("-")[-1])
     saved = json.loads((checkpoint / STATE_FILE).read_text())
@@ -140,8 +145,10 @@ def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | 
     check_difficulty(difficulty)
     if objective != "clm" and (pacing.length_warmup is not None or pacing.rescore_every is not None):
         raise SelftrainError("length_warmup and rescore_every need a causal LM: set them to null for mlm")
-    if pacing.length_warmup is not None and opts.trainer_args.get("dataloader_num_workers"):
-        raise SelftrainError("length_warmup counts batches in the training process: drop dataloader_num_workers")
+    if (pacing.length_warmup is not None or pacing.rescore_every) and opts.trainer_args.get("dataloader_num_workers"):
+        # workers collate apart from the trainer and draw many steps ahead of a re-score
+        raise SelftrainError("length_warmup and rescore_every need the data drawn in the training process: "
+                             "drop trainer_args.dataloader_num_workers")
     order = rank_rows(difficulty, "easy_first", seed)  # blocks of like difficulty; direction is the sampler's
     texts, difficulty = [texts[i] for i in order], [difficulty[i] for i in order]
     blocks = pack_texts(texts, tokenizer, block_size, objective)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selftrain.data.order import published_pacing
 from selftrain.data.pacing import PacedSampler, PacingOptions, is_constant
+from selftrain.errors import SelftrainError
 from selftrain.modeling.scoring import loglikelihoods, split_pair
 from selftrain.training.adapters import LoraOptions, lora_config, merge
 from selftrain.training.arguments import build_arguments
@@ -93,6 +94,8 @@ def sft_train(model, tokenizer, prompts: list[str], completions: list[str], opts
         raise RuntimeError("sft_train was called inside torch.autocast; call it outside (see `precision`)")
 
     pacing_metrics, curriculum_callbacks = {}, []
+    if order is not None and opts.pacing is not None and opts.pacing.pacing != "none":
+        raise SelftrainError("sft_train got both an explicit order and a pacing: give one")
     if order is None and opts.pacing is not None and opts.pacing.pacing != "none":
         order, pacing_metrics = completion_curriculum(model, tokenizer, prompts, completions, opts, seed)
         if order is not None and opts.pacing.rescore_every:
