@@ -62,6 +62,8 @@ ARMS = {  # name -> pacing (None: random order, the baseline)
     "exponential": PacingOptions(pacing="exponential"),
     "baby_steps": PacingOptions(pacing="baby_steps"),
     "anti (sqrt)": PacingOptions(pacing="sqrt", direction="hard_first"),
+    # a control: the paced sampler with everything open from step 0 (uniform draws each step)
+    "all open (c0=1)": PacingOptions(pacing="linear", c0=1.0),
 }
 
 
@@ -79,7 +81,7 @@ def part_pydocs(seeds: list[int], steps: int, work: Path) -> dict:
             "num_key_value_heads": 4, "max_position_embeddings": 128}
     _, tok, _ = build_initial(ModelConfig(preset="tiny", vocab_size=4096, architecture=arch), train, 0)
     difficulty = rarity(train, tok)
-    arms = {**ARMS, "self-paced sqrt": PacingOptions(pacing="sqrt", rescore_every=max(1, steps // 5))}
+    arms = {**{k: v for k, v in ARMS.items() if k != "all open (c0=1)"}, "self-paced sqrt": PacingOptions(pacing="sqrt", rescore_every=max(1, steps // 5))}
     opts = LMOptions(max_steps=steps, batch_size=16, learning_rate=2e-3, save_steps=10**6, logging_steps=max(1, steps // 5))
     print(f"(a) pydocs: {len(train)} docstrings to train, {len(heldout)} held out; {steps} steps x 16 blocks of 64 "
           f"tokens per arm; difficulty = rarity", flush=True)
