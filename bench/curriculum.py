@@ -215,8 +215,9 @@ def part_arith(seeds: list[int], steps: int, n_train: int, work: Path, arms: lis
         finals = [curves[name][s][-1][1] for s in seeds]
         shares = []
         for s in seeds:
-            reached = steps_to_reach(curves[name][s], curves["random"][s][-1][1])
-            shares.append(None if reached is None else reached / steps)
+            if "random" in curves:  # arms run without the baseline are compared later, by hand
+                reached = steps_to_reach(curves[name][s], curves["random"][s][-1][1])
+                shares.append(None if reached is None else reached / steps)
         m, sd = mean_sd(finals)
         got = [x for x in shares if x is not None]
         share_txt = (f"{statistics.mean(got):.2f} ± {statistics.stdev(got) if len(got) > 1 else 0:.2f}"
