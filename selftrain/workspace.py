@@ -46,6 +46,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_figure(fig, path: Path, dpi: float | None = None) -> Path:
+    """A matplotlib figure as a PNG, rendered in memory and written atomically (a kill never
+    leaves half an image); the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **({"dpi": dpi} if dpi else {}))
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

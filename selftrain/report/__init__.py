@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from selftrain.stages.base import fmt
-from selftrain.workspace import Workspace, atomic_write_bytes, atomic_write_text
+from selftrain.workspace import Workspace, atomic_write_figure, atomic_write_text
 
 
 def stage_rows(manifest: dict) -> list[dict]:
@@ -119,9 +118,4 @@ def _plots(ws: Workspace, manifest: dict) -> list[tuple[str, str]]:
 
 def _save(fig, path: Path) -> None:
     """Render in memory, then write atomically: a kill never leaves half a PNG."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(fig, path, dpi=110)

@@ -31,7 +31,7 @@ from selftrain.evaluation.word_categories import score_against, word_clusters
 from selftrain.modeling.embeddings import MINILM, embed_texts, load_encoder, minilm_dir
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
 from selftrain.training.precision import resolve_precision
-from selftrain.workspace import atomic_write_bytes, atomic_write_text
+from selftrain.workspace import atomic_write_bytes, atomic_write_figure, atomic_write_text
 
 
 class DedupOptions(BaseModel):
@@ -305,8 +305,4 @@ def draw_map(vectors: np.ndarray, labels: np.ndarray, names: dict[int, str], pat
     if len(set(labels.tolist())) <= 20:
         ax.legend(fontsize=7, markerscale=2, loc="best", frameon=False)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return atomic_write_figure(fig, path)

@@ -35,7 +35,7 @@ from selftrain.data.packing import block_values, pack_texts
 from selftrain.errors import SelftrainError
 from selftrain.modeling.scoring import sequence_losses
 from selftrain.training.lm import LMOptions, last_complete_checkpoint, lm_train
-from selftrain.workspace import atomic_write_text
+from selftrain.workspace import atomic_write_figure, atomic_write_text
 
 PROBE_BUCKETS = 5  # difficulty quintiles whose loss is traced
 PROBE_ROWS = 16  # rows per bucket: enough for a stable mean, cheap to score
@@ -193,21 +193,13 @@ def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | 
 def draw_curriculum(metrics: dict, competence_path: Path, buckets_path: Path) -> dict[str, Path]:
     """Two PNGs from ``paced_lm_train``'s metrics: competence (and row length) over the steps,
     and the mean loss of each difficulty bucket's probe rows over the steps."""
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from selftrain.workspace import atomic_write_bytes
-
     def save(fig, path: Path) -> Path:
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        plt.close(fig)
-        atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return atomic_write_figure(fig, path)
 
     pacing, sched = metrics["pacing"], metrics["schedule"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from selftrain.workspace import atomic_write_figure
+
 PANELS = [
     ("rewards", lambda k: k.startswith("rewards/") and k.endswith("/mean") or k == "reward"),
     ("environment", lambda k: k.startswith("env/") and not k.endswith("_total")),
@@ -38,8 +40,4 @@ def plot_steps(records: list[dict], path: Path, title: str) -> Path | None:
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_write_figure(fig, path, dpi=110)
