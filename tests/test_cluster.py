@@ -18,8 +18,8 @@ from selftrain.data import clustering, dedup
 from selftrain.data.order import order_of
 from selftrain.data.pool import Pool
 from selftrain.errors import SelftrainError
-from selftrain.evaluation.word_categories import score_against, whole_word_tokens, word_clusters
-from selftrain.modeling.embeddings import embed_texts, length_batches
+from selftrain.evaluation.word_categories import score_against, word_clusters
+from selftrain.modeling.embeddings import embed_texts, length_batches, whole_word_tokens
 from selftrain.modeling.factory import build_initial, train_tokenizer
 from selftrain.runner import Runner
 from tests.conftest import MICRO_ARCH, make_corpus, micro_config

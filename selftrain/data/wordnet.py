@@ -10,6 +10,7 @@ a word's synsets most frequent sense first, which is all a word-category score n
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from selftrain.errors import SelftrainError
@@ -76,3 +77,33 @@ def _lines(file: Path):
         for line in f:
             if not line.startswith("  "):
                 yield line
+
+
+_MARKER = re.compile(r"\([a-z]+\)$")  # adjective position markers: "galore(ip)"
+
+
+def synonyms(words: set[str] | None = None, path: Path | None = None) -> dict[str, tuple[str, ...]]:
+    """``{word: its synonyms}`` from WordNet: the other members of every synset the word belongs to
+    (all parts of speech, all senses, as EDA does), single alphabetic lower-case words only, sorted.
+    Only ``words`` (lower-case) when given. Words are looked up in their base form: "dogs" and
+    "barked" are not in WordNet's index, so an inflected word is left alone rather than replaced by
+    a wrongly inflected synonym."""
+    path = path or wordnet_dir()
+    if path is None:
+        raise SelftrainError("WordNet is not installed: apt-get install wordnet-base (Debian), or set "
+                             "SELFTRAIN_WORDNET to a directory holding data.noun and index.noun")
+    found: dict[str, set[str]] = {}
+    for pos in POS_FILES:
+        for line in _lines(path / f"data.{pos}"):
+            fields = line.split(" ", 4 + 2 * 64)
+            members = []
+            for k in range(int(fields[3], 16)):
+                word = _MARKER.sub("", fields[4 + 2 * k]).lower()
+                if word.isalpha() and word.isascii():
+                    members.append(word)
+            if len(members) < 2:
+                continue
+            for word in members:
+                if words is None or word in words:
+                    found.setdefault(word, set()).update(m for m in members if m != word)
+    return {w: tuple(sorted(s)) for w, s in found.items() if s}

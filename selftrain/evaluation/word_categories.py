@@ -11,36 +11,13 @@ number of clusters alone. WordNet only ever scores; it never shapes the clusters
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
 from selftrain.data.clustering import kmeans, relabel_by_size
-
-_WORD = re.compile(r"[a-z]{3,}")
-
-
-def whole_word_tokens(tokenizer, limit: int) -> list[tuple[str, int]]:
-    """Up to ``limit`` (word, token id) pairs for tokens that are a whole lower-case word, in
-    vocabulary order (for BPE vocabularies, roughly frequency order). A token counts when the
-    tokenizer itself encodes the word, as it appears in running text, to exactly that token: after
-    a space for byte-level BPE (where "Ġred" is the word and "red" may be the end of "tired"),
-    bare for WordPiece and SentencePiece."""
-    spaced = tokenizer.decode(tokenizer(" the", add_special_tokens=False)["input_ids"][:1]).startswith(" ")
-    out, seen = [], set()
-    for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
-        word = text.strip()
-        if word in seen or not _WORD.fullmatch(word) or (spaced and not text.startswith(" ")):
-            continue
-        if tokenizer((" " if spaced else "") + word, add_special_tokens=False)["input_ids"] == [token_id]:
-            seen.add(word)
-            out.append((word, token_id))
-            if len(out) >= limit:
-                break
-    return out
+from selftrain.modeling.embeddings import whole_word_tokens
 
 
 def word_clusters(model, tokenizer, *, words: int = 2000, k: int = 50, seed: int = 0) -> dict:

@@ -10,6 +10,7 @@ short texts travel many to a batch; results come back in input order, L2-normali
 from __future__ import annotations
 
 import importlib.util
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -121,3 +122,54 @@ def embed_texts(model, tokenizer, texts: list[str], *, max_length: int = 128, ma
     max_length = min(max_length, context) if context else max_length
     return embed_ids(model, token_ids(tokenizer, texts, max_length), max_tokens=max_tokens,
                      precision=precision, progress=progress)
+
+
+_WORD = re.compile(r"[a-z]{3,}")
+
+
+def whole_word_tokens(tokenizer, limit: int) -> list[tuple[str, int]]:
+    """Up to ``limit`` (word, token id) pairs for tokens that are a whole lower-case word, in
+    vocabulary order (for BPE vocabularies, roughly frequency order). A token counts when the
+    tokenizer itself encodes the word, as it appears in running text, to exactly that token: after
+    a space for byte-level BPE (where "Ġred" is the word and "red" may be the end of "tired"),
+    bare for WordPiece and SentencePiece."""
+    spaced = tokenizer.decode(tokenizer(" the", add_special_tokens=False)["input_ids"][:1]).startswith(" ")
+    out, seen = [], set()
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        word = text.strip()
+        if word in seen or not _WORD.fullmatch(word) or (spaced and not text.startswith(" ")):
+            continue
+        if tokenizer((" " if spaced else "") + word, add_special_tokens=False)["input_ids"] == [token_id]:
+            seen.add(word)
+            out.append((word, token_id))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def neighbour_synonyms(model, tokenizer, words: set[str] | None = None, *, k: int = 5,
+                       min_similarity: float = 0.3, vocabulary: int = 50000) -> dict[str, tuple[str, ...]]:
+    """``{word: its k nearest whole-word tokens}`` in the model's own input embeddings (rows centred,
+    then unit length; cosine at least ``min_similarity``): synonyms with no human resource at all.
+    They are words used in similar contexts, which includes antonyms and siblings ("good" ~ "bad",
+    "monday" ~ "friday"); the augment stage's similarity filter is what keeps the meaning."""
+    pairs = whole_word_tokens(tokenizer, vocabulary)
+    if len(pairs) < 2:
+        return {}
+    table = model.get_input_embeddings().weight.detach().float().cpu()
+    vectors = table[[i for _, i in pairs]]
+    vectors = torch.nn.functional.normalize(vectors - vectors.mean(0), dim=1)
+    names = [w for w, _ in pairs]
+    wanted = [i for i, w in enumerate(names) if words is None or w in words]
+    out: dict[str, tuple[str, ...]] = {}
+    for start in range(0, len(wanted), 1024):
+        rows = wanted[start:start + 1024]
+        sims = vectors[rows] @ vectors.T
+        sims[torch.arange(len(rows)), torch.tensor(rows)] = -1.0  # not itself
+        best, index = sims.topk(min(k, len(names) - 1), dim=1)
+        for r, scores, found in zip(rows, best.tolist(), index.tolist()):
+            near = tuple(names[j] for s, j in zip(scores, found) if s >= min_similarity)
+            if near:
+                out[names[r]] = near
+    return out

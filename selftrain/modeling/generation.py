@@ -7,8 +7,11 @@ padding, KV cache); faster backends (vLLM) plug in behind the same call (any obj
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from selftrain.errors import SelftrainError
 
 
 @dataclass
@@ -92,3 +95,44 @@ def _cut(text: str, stops: tuple[str, ...]) -> str:
         if j >= 0:
             text = text[:j]
     return text
+
+
+class Seq2SeqBackend:
+    """The same interface for an encoder-decoder (a translation model): each prompt is the source
+    text, each output its translation. Sources longer than the encoder takes are cut by the
+    tokenizer (``max_source_tokens``)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_source_tokens: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_source_tokens = max_source_tokens
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        self.model.eval()
+        greedy = sampling.temperature <= 0
+        out: list[str] = []
+        for i in range(0, len(prompts), self.batch_size):
+            enc = self.tokenizer(prompts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                 truncation=True, max_length=self.max_source_tokens).to(self.model.device)
+            ids = self.model.generate(**enc, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+                                      temperature=None if greedy else sampling.temperature,
+                                      top_p=None if greedy else sampling.top_p, top_k=sampling.top_k or None)
+            out += [_cut(t, sampling.stop) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return out
+
+
+def load_seq2seq(path: str, *, trust_remote_code: bool = False):
+    """(model, tokenizer) of a local encoder-decoder directory (a MarianMT translator, say)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    if not (Path(path) / "config.json").is_file():
+        raise SelftrainError(f"translation model {path!r}: not a model directory with a config.json")
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SelftrainError(f"could not load the translation model {path}: {e}") from None

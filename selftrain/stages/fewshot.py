@@ -166,7 +166,7 @@ def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotC
         model.to(device)
         for i, p, c in zip(picked, prompts, completions):
             selected_all.append({"text": p + c, "label": labels[pred[i]], "confidence": round(conf[i], 4),
-                                 "round": rnd, "source_id": example_id(pool[i])})
+                                 "round": rnd, "source_id": example_id(pool[i]), "input": pool[i], "completion": c})
         acc = measure()
         counts = {lab: sum(1 for i in picked if pred[i] == j) for j, lab in enumerate(labels)}
         record = {"round": rnd, "accuracy": acc, "labelled": len(pool), "selected": len(picked),
@@ -227,7 +227,8 @@ class FewshotStage(Stage):
             additions = make_examples([s["text"] for s in selected], origin="fewshot", op="pseudo_label",
                                       stage=state.stage_key, round=state.round,
                                       parent_ids=[s["source_id"] for s in selected],
-                                      metas=[{k: s[k] for k in ("label", "confidence", "round")} for s in selected])
+                                      metas=[{k: s[k] for k in ("label", "confidence", "round", "input", "completion")}
+                                             for s in selected])
         metrics = {"task": task.name, "unlabelled": len(texts), "measured": len(measured or []),
                    "history": history, "pseudo_labels": len(selected)}
         if measured:
