@@ -432,6 +432,7 @@ def test_back_translation_goes_through_both_models(tmp_path, corpus_file):
     ({"ops": ["swap", "swap"]}, "twice"),
     ({"filters": {"similarity": [0.9, 0.5]}}, "low <= high"),
     ({"ops": ["shout"]}, "ops"),
+    ({"ops": []}, "empty"),
 ])
 def test_bad_configs_are_refused(tmp_path, corpus_file, opts, message):
     cfg = config_from_dict(micro_config(tmp_path / "run", corpus_file, [{"augment": opts}]))

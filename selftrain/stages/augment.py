@@ -98,8 +98,9 @@ class BackTranslationOptions(BaseModel):
 
 
 class AugmentConfig(StageConfig):
-    ops: list[Op] = Field(["synonym", "insert", "swap", "delete"], min_length=1,
-                          description="Operations, each making per_op variants of every source.")
+    ops: list[Op] = Field(["synonym", "insert", "swap", "delete"],
+                          description="Operations, each making per_op variants of every source ([] with train: "
+                                      "fine-tune on the pseudo-labels alone, the ablation).")
     alpha: float = Field(0.1, gt=0, le=1, description="Strength: share of words changed (EDA's alpha).")
     per_op: int = Field(1, ge=1, description="Variants each operation makes of each source.")
     max_per_source: int = Field(4, ge=1, description="Variants kept per source at most, after the filters.")
@@ -125,6 +126,8 @@ class AugmentConfig(StageConfig):
             raise ValueError("op backtranslate needs back_translation: {forward: DIR, backward: DIR}")
         if self.train is not None and self.inputs != "labelled":
             raise ValueError("train applies to inputs: labelled (pretrain or curriculum train on augmented text)")
+        if not self.ops and self.train is None:
+            raise ValueError("ops is empty: name at least one operation (an empty list only makes sense with train)")
         if len(set(self.ops)) != len(self.ops):
             raise ValueError(f"ops lists an operation twice: {self.ops}")
         if self.filters.similarity is not None and not self.filters.similarity[0] <= self.filters.similarity[1]:
@@ -198,13 +201,15 @@ class AugmentStage(Stage):
     def _rule_variants(self, op, units, config, seed, synonyms) -> list[list[str | None]]:
         ds = datasets.Dataset.from_dict({"unit": units})
         fingerprint = hashlib.sha1(json.dumps([op, config.per_op, seed, config.alpha, len(units)]).encode()).hexdigest()
-        made = ds.map(_rule_batch, batched=True, batch_size=config.map_batch_size, num_proc=config.num_proc
-                      if len(units) >= 2 * config.map_batch_size else None, remove_columns=["unit"],
+        parallel = config.num_proc > 1 and len(units) >= 2 * config.map_batch_size  # else one process, no pool
+        made = ds.map(_rule_batch, batched=True, batch_size=config.map_batch_size,
+                      num_proc=config.num_proc if parallel else None, remove_columns=["unit"],
                       keep_in_memory=True, load_from_cache_file=False, new_fingerprint=fingerprint,
                       fn_kwargs={"op": op, "per_op": config.per_op, "seed": seed, "alpha": config.alpha,
                                  "synonyms": synonyms if op in ops.NEEDS_SYNONYMS else None},
                       desc=f"augment {op}")
-        return [[m or None for m in made[f"v{v}"]] for v in range(config.per_op)]
+        columns = made[:]  # one batch read: iterating a column would format row by row
+        return [[m or None for m in columns[f"v{v}"]] for v in range(config.per_op)]
 
     def _contextual(self, units, config, seed, model, tokenizer, kind) -> list[list[str | None]]:
         out = []
