@@ -268,13 +268,14 @@ def effect_bbc(seeds: list[int], steps: int, work: Path, max_inputs: int, per_cl
                           "completion": completion})
         rows = make_examples(texts, origin="fewshot", op="pseudo_label", stage="fewshot", round=1,
                              parent_ids=[example_id(inputs[i]) for i in picked], metas=metas)
+        real = make_examples(unlabelled, origin="real", op="original", stage="data", round=0)  # as in a run
         right = sum(labels[pred[i]] == next(r["label"] for r in task.docs() if r["text"] == inputs[i]) for i in picked)
         print(f"  bbc seed {seed}: {len(picked)} pseudo-labels, {right / len(picked):.2f} right")
         train = SFTOptions(max_steps=steps, learning_rate=1e-4, batch_size=4, max_length=192)  # fewshot's rate
         for arm, arm_ops in (("pseudo-labels", []), ("+ augmented", list(ops.EDA_OPS))):
             stage_dir = work / f"bbc-{seed}-{len(arm_ops)}"
             stage_dir.mkdir(parents=True, exist_ok=True)
-            state = RunState(config=run_config, checkpoint=start_dir, kind="causal", pool=Pool(to_dataset(rows)),
+            state = RunState(config=run_config, checkpoint=start_dir, kind="causal", pool=Pool(to_dataset(real + rows)),
                              heldout=[], seed=seed, stage_key="augment", stage_dir=stage_dir)
             started = time.perf_counter()
             result = AugmentStage().run(state, AugmentConfig(inputs="labelled", ops=arm_ops, train=train,

@@ -178,7 +178,11 @@ def random_swap(words: list[str], layout: Layout | None, pairs: list[tuple[int, 
     """Swap each pair of positions in turn (pairs of distinct positions; see ``swap_pairs``)."""
     if len(words) < 2:
         return None
+    before = list(words) if len(pairs) > 1 else None  # two swaps can undo each other
     for i, j in pairs:
+        words[i], words[j] = words[j], words[i]
+    if before is not None and words == before:
+        i, j = pairs[0]
         words[i], words[j] = words[j], words[i]
     return " ".join(words) if layout is None else join_words(words, layout)
 
@@ -212,66 +216,106 @@ def random_delete(words: list[str], layout: Layout | None, keep: list[bool], spa
     if layout is None:
         return " ".join([words[i] for i in index])
     lead, gaps, trail = layout
-    return join_words([words[i] for i in index], (lead, [gaps[i] if i < len(gaps) else " " for i in index[:-1]], trail))
+    # between two kept words, the gap that held the most line breaks (a deleted word's break survives)
+    kept_gaps = [max(gaps[a:b], key=lambda g: g.count("\n")) for a, b in zip(index, index[1:])]
+    return join_words([words[i] for i in index], (lead, kept_gaps, trail))
 
 
-_SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z0-9])")
+# a sentence ends at . ! ? (and any closing quotes or brackets, which stay with it); the next one
+# starts after whitespace with a capital, a digit or an opening quote
+_BOUNDARY = re.compile(r"(?<=[.!?])([\"')\]]*)(\s+)(?=[\"'(\[]*[A-Z0-9])")
+ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "vs", "etc", "e.g", "i.e", "cf", "no", "fig", "jr", "sr",
+                 "inc", "ltd", "co", "u.s", "u.k", "approx", "dept", "est", "vol"}
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences: a split after . ! ? (and closing quotes) followed by space and a capital or digit."""
-    return [s for s in _SENTENCE.split(text.strip()) if s]
+    """The sentences of a text (see ``sentence_layout``)."""
+    return sentence_layout(text)[0]
+
+
+def sentence_layout(text: str) -> tuple[list[str], list[str]]:
+    """(sentences, separators): ``text == seps[0] + s0 + seps[1] + s1 + ... + seps[-1]``, so putting
+    sentences back into the separators keeps every line break and indent. A period after an
+    abbreviation (Mr., e.g., U.S.) or an initial ("J. Smith") does not end a sentence."""
+    pieces, seps, last = [], [text[:len(text) - len(text.lstrip())]], len(text) - len(text.lstrip())
+    core_end = len(text.rstrip())
+    for m in _BOUNDARY.finditer(text, last, core_end):
+        before = text[last:m.start(1)].rsplit(None, 1)[-1].rstrip(".!?").lower() if text[last:m.start(1)].strip() else ""
+        if before in ABBREVIATIONS or (len(before) == 1 and before.isalpha()):
+            continue
+        pieces.append(text[last:m.end(1)])
+        seps.append(m.group(2))
+        last = m.end(2)
+    if last < core_end or not pieces:
+        pieces.append(text[last:core_end])
+    seps.append(text[core_end:])
+    return [p for p in pieces], seps
+
+
+def _rebuild(sentences: list[str], seps: list[str]) -> str:
+    return seps[0] + "".join(s + sep for s, sep in zip(sentences, seps[1:]))
 
 
 def reorder_sentences(text: str, u: list[float]) -> str | None:
-    """Draws: one per sentence."""
-    sentences = split_sentences(text)
+    """Shuffle the sentences into the text's own separators (line breaks stay where they were).
+    Draws: one per sentence."""
+    sentences, seps = sentence_layout(text)
     if len(sentences) < 2:
         return None
     order = sorted(range(len(sentences)), key=u.__getitem__)
     if [sentences[i] for i in order] == sentences:  # no change: a rotation by one differs unless all are equal
         order = list(range(1, len(sentences))) + [0]
-    return " ".join(sentences[i] for i in order)
+    return _rebuild([sentences[i] for i in order], seps)
 
 
-SUBORDINATORS = ("when", "because", "if", "while", "although", "though", "after", "before", "since",
-                 "until", "unless", "whenever", "once")
-_TRAILING = re.compile(r"^(?P<main>[A-Z][^,;:]*?[a-z0-9)\"'])(?:,)? (?P<conj>" + "|".join(SUBORDINATORS)
-                       + r") (?P<sub>[^,;:]+?)(?P<end>[.!?]?)$")
-_LEADING = re.compile(r"^(?P<conj>" + "|".join(s.capitalize() for s in SUBORDINATORS)
-                      + r") (?P<sub>[^,;:]+?), (?P<main>[^,;:]+?)(?P<end>[.!?]?)$")
+# Clause inversion is kept conservative: a wrong inversion garbles text, a missed one costs nothing.
+# Both clauses must start with a subject (a determiner or pronoun, so lower-casing it is safe and an
+# imperative such as "Return True if ..." is left alone), hold at least two words, and carry no
+# quotes, brackets, line breaks or further commas. "if" and "once" only lead ("I wonder if it rains"
+# is not a condition; "only once" is an adverb), so they are never moved to the front.
+SUBJECT_STARTS = {"the", "a", "an", "this", "that", "these", "those", "it", "he", "she", "we", "they", "i",
+                  "you", "there", "my", "our", "his", "her", "their", "its", "your", "each", "every", "no",
+                  "some", "all", "one"}
+LEADING_CONJUNCTIONS = ("when", "because", "if", "while", "although", "though", "after", "before", "since",
+                        "until", "unless", "whenever", "once")
+TRAILING_CONJUNCTIONS = tuple(c for c in LEADING_CONJUNCTIONS if c not in ("if", "once"))
+_CLAUSE = r"[^,;:\"'()\[\]\n]+?"
+_TRAILING = re.compile(rf"^(?P<main>{_CLAUSE}) (?P<conj>{'|'.join(TRAILING_CONJUNCTIONS)}) (?P<sub>{_CLAUSE})(?P<end>[.!?])$")
+_LEADING = re.compile(rf"^(?P<conj>{'|'.join(c.capitalize() for c in LEADING_CONJUNCTIONS)}) (?P<sub>{_CLAUSE}), "
+                      rf"(?P<main>{_CLAUSE})(?P<end>[.!?])$")
+
+
+def _is_clause(phrase: str) -> bool:
+    words = phrase.split()
+    return len(words) >= 2 and words[0].lower() in SUBJECT_STARTS
 
 
 def _lower_first(phrase: str) -> str:
-    """Lower-case the first word unless it looks like a name (not a stop word, or "I")."""
-    first = phrase.split(" ", 1)[0]
-    if first != "I" and first.lower() in ENGLISH_STOP_WORDS:
-        return phrase[:1].lower() + phrase[1:]
-    return phrase
+    return phrase if phrase.startswith("I ") else phrase[:1].lower() + phrase[1:]
 
 
 def invert_sentence(sentence: str) -> str | None:
+    """"Main conj sub." <-> "Conj sub, main." for a sentence that safely allows it, else None."""
     m = _LEADING.match(sentence)
-    if m:
-        main = m["main"][:1].upper() + m["main"][1:]
-        return f"{main} {m['conj'].lower()} {m['sub']}{m['end']}"
+    if m and _is_clause(m["main"]) and _is_clause(m["sub"]):
+        return f"{m['main'][:1].upper()}{m['main'][1:]} {m['conj'].lower()} {m['sub']}{m['end']}"
     m = _TRAILING.match(sentence)
-    if m:
+    if m and m["main"][:1].isupper() and _is_clause(m["main"]) and _is_clause(m["sub"]):
         return f"{m['conj'].capitalize()} {m['sub']}, {_lower_first(m['main'])}{m['end']}"
     return None
 
 
 def invert_clauses(text: str, u: list[float]) -> str | None:
-    """Invert one sentence that has a subordinate clause (the one with the smallest draw). Draws:
-    one per sentence."""
-    sentences = split_sentences(text)
+    """Invert one sentence that allows it (the one with the smallest draw), in place. Draws: one
+    per sentence."""
+    sentences, seps = sentence_layout(text)
     inverted = [(u[i], i, invert_sentence(s)) for i, s in enumerate(sentences)]
     inverted = [x for x in inverted if x[2] is not None]
     if not inverted:
         return None
     _, i, new = min(inverted)
     sentences[i] = new
-    return " ".join(sentences)
+    return _rebuild(sentences, seps)
 
 
 _ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
@@ -289,7 +333,7 @@ def keyboard_typos(text: str, u: list[float], alpha: float) -> str | None:
     Draws: one per letter, one per typo, one spare."""
     p = alpha / 4
     chars = list(text)
-    letters = [i for i, ch in enumerate(chars) if ch.lower() in KEYBOARD]
+    letters = [i for i, ch in enumerate(chars) if ch.isascii() and ch.lower() in KEYBOARD]
     if not letters:
         return None
     n = len(letters)

@@ -52,13 +52,18 @@ def length_filter(judged: Judged, sources: Sequence[str], variants: Sequence[str
             judged.reject(i, "length_ratio")
 
 
-def duplicate_filter(judged: Judged, references: Sequence[str], variants: Sequence[str], *, threshold: float,
-                     seed: int) -> None:
-    """Variants that copy a reference (an original text) or an earlier kept variant."""
+def duplicate_filter(judged: Judged, references: Sequence[str], variants: Sequence[str], *, threshold: float | None,
+                     seed: int, exact_only: set[int] | None = None) -> None:
+    """Variants that copy a reference (an original text) or an earlier kept variant: equal after
+    normalisation, or (``threshold`` not None) a MinHash near copy. Variants in ``exact_only`` (those
+    of order-changing operations, whose shingles are their source's by construction) face only the
+    exact test."""
     alive = judged.alive()
     texts = list(references) + [variants[i] for i in alive]
     found = dict(dedup.exact_duplicates(texts))
-    found.update(dedup.near_duplicates(texts, threshold=threshold, skip=set(found), seed=seed))
+    if threshold is not None:
+        shielded = {len(references) + k for k, i in enumerate(alive) if i in (exact_only or set())}
+        found.update(dedup.near_duplicates(texts, threshold=threshold, skip=set(found) | shielded, seed=seed))
     for position in sorted(found):
         if position >= len(references):
             judged.reject(alive[position - len(references)], "duplicate")
@@ -66,9 +71,14 @@ def duplicate_filter(judged: Judged, references: Sequence[str], variants: Sequen
 
 def similarity_filter(judged: Judged, encoder, encoder_tokenizer, sources: Sequence[str], variants: Sequence[str],
                       *, bounds: tuple[float, float], max_length: int = 128, precision: str = "fp32") -> None:
+    """Texts are embedded on their first ``max_length`` tokens; where a source or its variant is
+    longer, a change beyond them is invisible, so only the lower bound (drift) is applied there."""
     alive = judged.alive()
     if not alive:
         return
+    pairs = [t for i in alive for t in (sources[i], variants[i])]
+    sizes = [len(ids) for ids in encoder_tokenizer(pairs, add_special_tokens=True)["input_ids"]]
+    longer = {i for k, i in enumerate(alive) if max(sizes[2 * k], sizes[2 * k + 1]) > max_length}
     distinct = sorted({sources[i] for i in alive})  # a source with many variants is embedded once
     row = {text: r for r, text in enumerate(distinct)}
     a = embed_texts(encoder, encoder_tokenizer, distinct, max_length=max_length, precision=precision)
@@ -78,7 +88,7 @@ def similarity_filter(judged: Judged, encoder, encoder_tokenizer, sources: Seque
         judged.similarity[i] = round(cos, 4)
         if cos < bounds[0]:
             judged.reject(i, "meaning_drift")
-        elif cos > bounds[1]:
+        elif cos > bounds[1] and i not in longer:
             judged.reject(i, "too_similar")
 
 
@@ -97,6 +107,10 @@ def perplexity_filter(judged: Judged, model, tokenizer, sources: Sequence[str], 
                        truncation=True, max_length=max_length)["input_ids"]
     losses = sequence_losses(model, tokens, batch_size=batch_size, pad_id=pad)
     for k, i in enumerate(alive):
+        if len(tokens[len(distinct) + k]) < 2 or len(tokens[row[sources[i]]]) < 2:
+            if len(tokens[len(distinct) + k]) < 2 <= len(tokens[row[sources[i]]]):
+                judged.reject(i, "too_short")  # one token predicts nothing: no perplexity to compare
+            continue
         source_loss, variant_loss = losses[row[sources[i]]], losses[len(distinct) + k]
         ratio = math.exp(min(variant_loss - source_loss, 50.0))
         judged.perplexity_ratio[i] = round(ratio, 4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from selftrain.modeling.embeddings import whole_word_tokens
+from selftrain.modeling.scoring import context_length
 
 
 @torch.no_grad()
@@ -25,7 +26,7 @@ def word_candidates(model, tokenizer, kind: str, lefts: list[str], rights: list[
         return [[] for _ in lefts]
     words = [w for w, _ in pairs]
     word_ids = torch.tensor([i for _, i in pairs])
-    window = getattr(model.config, "max_position_embeddings", None) or 512
+    window = context_length(model, tokenizer)  # RoBERTa-style models have fewer usable positions than embeddings
     rows, where = [], []
     for left, right in zip(lefts, rights):
         left_ids = tokenizer(left.rstrip(), add_special_tokens=False)["input_ids"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -135,6 +136,25 @@ class AugmentConfig(StageConfig):
         return self
 
 
+def labelled_rows(rows: list[dict], skipped: Counter) -> list[dict]:
+    """Rows whose ``meta.input`` occurs exactly once in their text, before their ``meta.completion``
+    at its end (the ``fewshot`` stage's pseudo-labels); the others are counted in ``skipped``."""
+    out = []
+    for r in rows:
+        unit, completion = r["meta"].get("input"), r["meta"].get("completion")
+        if not isinstance(unit, str) or not isinstance(completion, str):
+            skipped["not_labelled"] += 1
+        elif not unit or r["text"].count(unit) != 1 or not r["text"].endswith(completion) \
+                or r["text"].find(unit) + len(unit) > len(r["text"]) - len(completion):
+            skipped["input_not_once_in_prompt"] += 1
+        else:
+            out.append(r)
+    if not out:
+        raise SelftrainError("augment inputs=labelled: no pool row carries meta.input (once, in its prompt) and "
+                             "meta.completion (run a fewshot stage with add_to_pool before it)")
+    return out
+
+
 def _rule_batch(batch: dict, *, op: str, per_op: int, seed: int, alpha: float, synonyms) -> dict:
     """datasets.map function: ``per_op`` variants of each unit (empty string: none)."""
     out = {}
@@ -163,6 +183,11 @@ class AugmentStage(Stage):
                 if not (Path(path) / "config.json").is_file():
                     raise SelftrainError(f"augment.back_translation.{side}: {path!r} is not a model directory "
                                          "with a config.json")
+        embedder = config.filters.embedder
+        if config.filters.similarity is not None and embedder not in ("auto", "model", MINILM) \
+                and not (Path(embedder) / "config.json").is_file():
+            raise SelftrainError(f"augment.filters.embedder {embedder!r}: not model, minilm, auto or a model "
+                                 "directory with a config.json")
         if config.train is not None:
             check_adapter(config.train.adapter, model)
 
@@ -173,13 +198,11 @@ class AugmentStage(Stage):
         skipped: Counter = Counter()
         rows = state.pool.rows(origin="real" if config.inputs == "real" else None)
         if config.inputs == "labelled":
-            labelled = [r for r in rows if isinstance(r["meta"].get("input"), str) and "completion" in r["meta"]]
-            skipped["not_labelled"] = len(rows) - len(labelled)
-            rows = [r for r in labelled if r["meta"]["input"] and r["meta"]["input"] in r["text"]]
-            skipped["input_not_in_text"] = len(labelled) - len(rows)
-            if not rows:
-                raise SelftrainError("augment inputs=labelled: no pool row carries meta.input and meta.completion "
-                                     "(run a fewshot stage with add_to_pool before it)")
+            rows = labelled_rows(rows, skipped)
+        else:  # a pseudo-labelled row is prompt + label: rewritten as plain text its label could move
+            plain = [r for r in rows if not isinstance(r["meta"].get("input"), str)]
+            skipped["labelled_rows (use inputs: labelled)"] = len(rows) - len(plain)
+            rows = plain
         units = [r["meta"]["input"] if config.inputs == "labelled" else r["text"] for r in rows]
         keep = [i for i, u in enumerate(units) if u.strip()]
         skipped["empty"] = len(units) - len(keep)
@@ -187,6 +210,17 @@ class AugmentStage(Stage):
             rank = {i: hashlib.sha1(f"{state.seed}/{rows[i]['id']}".encode()).digest() for i in keep}
             keep = sorted(sorted(keep, key=rank.__getitem__)[:config.max_sources])
         return [rows[i] for i in keep], [units[i] for i in keep], +skipped
+
+    def _cap(self, state: RunState, additions: list[dict]) -> tuple[list[dict], int]:
+        """The additions the run's synthetic-fraction cap will take, chosen as the runner would
+        (a seeded draw), so that what the stage trains on is what reaches the pool."""
+        f = state.config.guard.max_synthetic_fraction
+        n_synthetic = state.pool.n_synthetic()
+        n_real = len(state.pool) - n_synthetic
+        room = len(additions) if f >= 1 else max(0, int(f * n_real / (1 - f)) - n_synthetic)
+        if room >= len(additions):
+            return additions, 0
+        return random.Random(state.seed).sample(additions, room), len(additions) - room
 
     # ------------------------------------------------------------------ variants
 
@@ -219,7 +253,7 @@ class AugmentStage(Stage):
             found = word_candidates(model, tokenizer, kind, [units[i][:s[0]] for i, s in flat],
                                     [units[i][s[1]:] for i, s in flat], [units[i][s[0]:s[1]] for i, s in flat],
                                     top_k=config.contextual_top_k)
-            draws = ops.uniforms(ops.row_keys([f"{i}/{s}" for i, s in flat], seed, 31 + v), 1)[:, 0] \
+            draws = ops.uniforms(ops.row_keys([f"{s}/{units[i]}" for i, s in flat], seed, 31 + v), 1)[:, 0] \
                 if flat else np.zeros(0)
             words: dict[int, list[str | None]] = {i: [] for i in range(len(units))}
             for (i, _), cands, d in zip(flat, found, draws.tolist()):
@@ -233,7 +267,11 @@ class AugmentStage(Stage):
         chat = use_chat(p.chat, tokenizer, what="augment.paraphrase.chat")
         prompts = [render_prompt(tokenizer, p.prompt.replace("{text}", u), chat=chat) for u in units]
         room = context_length(model, tokenizer) - p.max_new_tokens
-        fits = [i for i, pr in enumerate(prompts) if len(tokenizer(pr, add_special_tokens=False)["input_ids"]) <= room]
+        # a paraphrase is about as long as its source: one that might not fit in max_new_tokens, or a
+        # prompt that leaves no room for it, is skipped rather than cut
+        fits = [i for i, (pr, u) in enumerate(zip(prompts, units))
+                if len(tokenizer(pr, add_special_tokens=False)["input_ids"]) <= room
+                and len(tokenizer(u, add_special_tokens=False)["input_ids"]) <= 0.8 * p.max_new_tokens]
         backend = TransformersBackend(model, tokenizer, batch_size=p.batch_size)
         out = []
         for v in range(config.per_op):
@@ -250,8 +288,8 @@ class AugmentStage(Stage):
         bt = config.back_translation
         there, there_tok = load_seq2seq(bt.forward)
         back, back_tok = load_seq2seq(bt.backward)
-        fits = [i for i, u in enumerate(units)
-                if len(there_tok(u, add_special_tokens=True)["input_ids"]) <= bt.max_source_tokens]
+        limit = min(bt.max_source_tokens, int(0.8 * bt.max_new_tokens))  # a translation may run longer than its source
+        fits = [i for i, u in enumerate(units) if len(there_tok(u, add_special_tokens=True)["input_ids"]) <= limit]
         forward = Seq2SeqBackend(there.to(device), there_tok, bt.batch_size, bt.max_source_tokens)
         backward = Seq2SeqBackend(back.to(device), back_tok, bt.batch_size, bt.max_source_tokens)
         out = []
@@ -272,8 +310,9 @@ class AugmentStage(Stage):
         rows, units, skipped = self._sources(state, config)
         if not units:
             raise SelftrainError(f"augment: no source text to augment (inputs={config.inputs}; skipped {dict(skipped)})")
-        needs_model = (any(op in MODEL_OPS[:2] for op in config.ops) or config.filters.perplexity_ratio is not None
-                       or config.filters.max_perplexity is not None or config.train is not None
+        scored_perplexity = state.kind == "causal" and (config.filters.perplexity_ratio is not None
+                                                         or config.filters.max_perplexity is not None)
+        needs_model = (any(op in MODEL_OPS[:2] for op in config.ops) or scored_perplexity or config.train is not None
                        or (any(op in ops.NEEDS_SYNONYMS for op in config.ops)
                            and (config.synonyms == "embedding" or (config.synonyms == "auto" and not wordnet_dir()))))
         model, tokenizer = state.load_model() if needs_model else (None, None)
@@ -310,10 +349,16 @@ class AugmentStage(Stage):
         source_texts = [units[i] for i in parents]
         judged = filters.Judged(keep=[True] * len(candidates), similarity=[None] * len(candidates),
                                 perplexity_ratio=[None] * len(candidates))
+        seen: set[tuple[int, str]] = set()
+        for k, (i, _, text) in enumerate(candidates):  # two ops (or variants) that made the same text: one stays
+            if (i, text) in seen:
+                judged.reject(k, "duplicate")
+            seen.add((i, text))
         filters.length_filter(judged, source_texts, variant_texts, min_words=f.min_words, ratio=f.length_ratio)
-        if f.duplicate is not None:
-            references = units if config.inputs == "labelled" else state.pool.texts()
-            filters.duplicate_filter(judged, references, variant_texts, threshold=f.duplicate, seed=state.seed)
+        references = units if config.inputs == "labelled" else state.pool.texts()
+        reordered = {k for k, c in enumerate(candidates) if c[1] in ("reorder", "invert")}
+        filters.duplicate_filter(judged, references, variant_texts, threshold=f.duplicate, seed=state.seed,
+                                 exact_only=reordered)
         embedder = None
         if f.similarity is not None and judged.alive():
             embedder = f.embedder if f.embedder != "auto" else (MINILM if minilm_dir() else "model")
@@ -323,7 +368,6 @@ class AugmentStage(Stage):
             filters.similarity_filter(judged, encoder.to(state.device), encoder_tok, source_texts, variant_texts,
                                       bounds=f.similarity, max_length=f.max_tokens,
                                       precision=resolve_precision("auto", state.device))
-        scored_perplexity = state.kind == "causal" and (f.perplexity_ratio is not None or f.max_perplexity is not None)
         if scored_perplexity and judged.alive():
             filters.perplexity_filter(judged, model, tokenizer, source_texts, variant_texts,
                                       max_ratio=f.perplexity_ratio, max_perplexity=f.max_perplexity,
@@ -356,6 +400,8 @@ class AugmentStage(Stage):
                                        round=state.round, parent_ids=[rows[candidates[kept[n]][0]]["id"] for n in chosen],
                                        metas=[metas[n] for n in chosen])
 
+        additions, capped = self._cap(state, additions)
+
         samples = state.stage_dir / "augment_samples.jsonl"
         shown = [k for op in config.ops for k in [k for k, c in enumerate(candidates) if c[1] == op][:20]]
         atomic_write_text(samples, "".join(json.dumps(
@@ -366,7 +412,9 @@ class AugmentStage(Stage):
         # 4. labelled: fine-tune on the pseudo-labels and their kept variants together
         checkpoint, train_metrics = None, {}
         if config.train is not None:
-            pairs = [(r["text"][:len(r["text"]) - len(r["meta"]["completion"])], r["meta"]["completion"]) for r in rows]
+            labelled = labelled_rows(state.pool.rows(), Counter())  # every pseudo-label, not only the sampled sources
+            pairs = [(r["text"][:len(r["text"]) - len(r["meta"]["completion"])], r["meta"]["completion"])
+                     for r in labelled]
             pairs += [(a["text"][:len(a["text"]) - len(json.loads(a["meta"])["completion"])],
                        json.loads(a["meta"])["completion"]) for a in additions]
             model, train_metrics = sft_train(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], config.train,
@@ -378,7 +426,7 @@ class AugmentStage(Stage):
 
         metrics = {"inputs": config.inputs, "sources": len(units), "skipped": dict(skipped), "alpha": config.alpha,
                    "synonym_source": synonym_source, "synonym_words": len(synonyms) if synonym_source else None,
-                   "ops": per_op, "candidates": len(candidates), "kept": len(kept),
+                   "ops": per_op, "candidates": len(candidates), "kept": len(kept), "dropped_by_cap": capped,
                    "rejected": dict(judged.rejected), "embedder": embedder,
                    "perplexity_filter": scored_perplexity, **train_metrics}
         return StageResult(checkpoint=checkpoint, additions=additions, artefacts={"augment_samples": samples},
@@ -390,7 +438,9 @@ class AugmentStage(Stage):
             return ""
         lines = [f"Augmented {m['sources']} {m['inputs']} sources (alpha {m['alpha']}"
                  + (f", synonyms from {m['synonym_source']}" if m.get("synonym_source") else "")
-                 + f"): {m['candidates']} variants made, {m['kept']} kept by the filters.", "",
+                 + f"): {m['candidates']} variants made, {m['kept']} kept by the filters"
+                 + (f", {m['dropped_by_cap']} of them over the synthetic cap" if m.get("dropped_by_cap") else "")
+                 + ".", "",
                  "| op | tried | changed | kept | sources/s |", "|---|---|---|---|---|"]
         for op, o in m["ops"].items():
             lines.append(f"| {op} | {o['tried']} | {o['changed']} | {o['kept']} | {fmt(o.get('sources_per_s'), 0)} |")
