@@ -240,9 +240,11 @@ def test_variants_do_not_depend_on_the_hash_seed_or_the_process(tmp_path):
 def test_datasets_map_in_two_processes_gives_the_one_process_output():
     stage = augment_stage.AugmentStage()
     units = TEXTS * 4
+    environ = os.environ
     one = stage._rule_variants("delete", units, AugmentConfig(num_proc=1, map_batch_size=50, per_op=2), 3, None)
     two = stage._rule_variants("delete", units, AugmentConfig(num_proc=2, map_batch_size=50, per_op=2), 3, None)
     assert one == two and one[0] != one[1] and all(v is not None for v in one[0])
+    assert os.environ is environ  # datasets' multi-process map swaps os.environ for a copy; the stage puts it back
 
 
 @pytest.mark.parametrize("text", ["", "   \n ", "word", "12345 !!! ###", "東京は今日も晴れです", "ab"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -236,12 +237,23 @@ class AugmentStage(Stage):
         ds = datasets.Dataset.from_dict({"unit": units})
         fingerprint = hashlib.sha1(json.dumps([op, config.per_op, seed, config.alpha, len(units)]).encode()).hexdigest()
         parallel = config.num_proc > 1 and len(units) >= 2 * config.map_batch_size  # else one process, no pool
-        made = ds.map(_rule_batch, batched=True, batch_size=config.map_batch_size,
-                      num_proc=config.num_proc if parallel else None, remove_columns=["unit"],
-                      keep_in_memory=True, load_from_cache_file=False, new_fingerprint=fingerprint,
-                      fn_kwargs={"op": op, "per_op": config.per_op, "seed": seed, "alpha": config.alpha,
-                                 "synonyms": synonyms if op in ops.NEEDS_SYNONYMS else None},
-                      desc=f"augment {op}")
+        environ, parallelism = os.environ, os.environ.get("TOKENIZERS_PARALLELISM")
+        try:
+            made = ds.map(_rule_batch, batched=True, batch_size=config.map_batch_size,
+                          num_proc=config.num_proc if parallel else None, remove_columns=["unit"],
+                          keep_in_memory=True, load_from_cache_file=False, new_fingerprint=fingerprint,
+                          fn_kwargs={"op": op, "per_op": config.per_op, "seed": seed, "alpha": config.alpha,
+                                     "synonyms": synonyms if op in ops.NEEDS_SYNONYMS else None},
+                          desc=f"augment {op}")
+        finally:
+            # datasets 5.x, mapping with num_proc, sets TOKENIZERS_PARALLELISM=false and then rebinds
+            # os.environ to a deep copy: whoever holds the real one (rich's consoles, tests patching
+            # the environment) stops seeing changes. Put the real object and its value back.
+            os.environ = environ  # noqa: B003 (the object is restored, not the contents)
+            if parallelism is None:
+                environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                environ["TOKENIZERS_PARALLELISM"] = parallelism
         columns = made[:]  # one batch read: iterating a column would format row by row
         return [[m or None for m in columns[f"v{v}"]] for v in range(config.per_op)]
 
