@@ -312,7 +312,7 @@ def test_contextual_candidates_from_a_masked_model():
 
 
 def judged(n):
-    return filters.Judged(keep=[True] * n, similarity=[None] * n, perplexity_ratio=[None] * n)
+    return filters.Judged.fresh(n)
 
 
 def test_length_filter_rejects_short_and_out_of_ratio_variants():

@@ -249,7 +249,7 @@ def sentence_layout(text: str) -> tuple[list[str], list[str]]:
     if last < core_end or not pieces:
         pieces.append(text[last:core_end])
     seps.append(text[core_end:])
-    return [p for p in pieces], seps
+    return pieces, seps
 
 
 def _rebuild(sentences: list[str], seps: list[str]) -> str:

@@ -33,6 +33,11 @@ class Judged:
     similarity: list[float | None] = field(default_factory=list)
     perplexity_ratio: list[float | None] = field(default_factory=list)
 
+    @classmethod
+    def fresh(cls, n: int) -> Judged:
+        """n variants, all kept, none scored yet."""
+        return cls(keep=[True] * n, similarity=[None] * n, perplexity_ratio=[None] * n)
+
     def reject(self, i: int, reason: str) -> None:
         if self.keep[i]:
             self.keep[i] = False

