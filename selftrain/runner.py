@@ -62,8 +62,12 @@ OUTCOME = ("decision", "reason", "metrics_after", "stage_metrics", "checkpoint",
            "auxiliary_deleted")
 
 
-def guard_decision(guard: GuardConfig, before: dict, after: dict) -> tuple[bool, str]:
-    """Accept unless the guard metric regresses past tolerance or a collapse signal fires."""
+def guard_decision(guard: GuardConfig, before: dict, after: dict, stage_metrics: dict | None = None) -> tuple[bool, str]:
+    """Accept unless the guard metric regresses past tolerance or a collapse signal fires (the
+    runner's own diversity and entropy floors, or a collapse the stage detected and reports as
+    ``stage_metrics["collapse"]``)."""
+    if (stage_metrics or {}).get("collapse"):
+        return False, f"collapse (found by the stage): {stage_metrics['collapse']}"
     if after.get("diverged"):
         return False, f"diverged: {after.get('diverged_reason', 'non-finite metrics')}"
     name = guard.metric
@@ -328,7 +332,7 @@ class Runner:
                 result.checkpoint, manifest["model_kind"], heldout, stage_dir)
         except Exception as e:
             return self._failed(entry, e, start, result)
-        accepted, reason = guard_decision(cfg.guard, before, after)
+        accepted, reason = guard_decision(cfg.guard, before, after, result.metrics)
         entry.update(
             status="accepted" if accepted else "rolled_back", decision="accepted" if accepted else "rolled_back",
             reason=reason, metrics_after=after, stage_metrics=_jsonable(result.metrics),

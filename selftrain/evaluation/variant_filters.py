@@ -7,7 +7,9 @@ names what it rejects, so a report can say how many variants each filter cost an
 - ``similarity``: cosine of sentence embeddings to the source outside [low, high] — below low
   the meaning drifted, above high the variant adds nothing;
 - ``perplexity``: the current model finds the variant much less likely than its source
-  (perplexity ratio above a ceiling), or above an absolute ceiling: it is no longer fluent text.
+  (perplexity ratio above a ceiling), or above an absolute ceiling: it is no longer fluent text;
+- ``discriminator``: the run's discriminator (trained by an accepted ``adversarial`` stage) gives the
+  variant a probability of being real text below a floor.
 
 Filters run cheapest first and each sees only what the previous ones kept.
 """
@@ -32,11 +34,12 @@ class Judged:
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     similarity: list[float | None] = field(default_factory=list)
     perplexity_ratio: list[float | None] = field(default_factory=list)
+    real_score: list[float | None] = field(default_factory=list)  # the discriminator's P(real)
 
     @classmethod
     def fresh(cls, n: int) -> Judged:
         """n variants, all kept, none scored yet."""
-        return cls(keep=[True] * n, similarity=[None] * n, perplexity_ratio=[None] * n)
+        return cls(keep=[True] * n, similarity=[None] * n, perplexity_ratio=[None] * n, real_score=[None] * n)
 
     def reject(self, i: int, reason: str) -> None:
         if self.keep[i]:
@@ -133,3 +136,15 @@ def cap_per_source(judged: Judged, parents: Sequence[int], limit: int, draws: np
     for members in by_parent.values():
         for i in sorted(members, key=lambda j: draws[j])[limit:]:
             judged.reject(i, "max_per_source")
+
+
+def discriminator_filter(judged: Judged, variants: Sequence[str], discriminator, *, min_score: float) -> None:
+    """Reject variants whose P(real) under ``discriminator`` (anything with ``p_real(texts)``, e.g.
+    ``modeling.discriminator.Discriminator``) is below ``min_score``."""
+    alive = judged.alive()
+    if not alive:
+        return
+    for i, score in zip(alive, discriminator.p_real([variants[i] for i in alive])):
+        judged.real_score[i] = round(float(score), 4)
+        if score < min_score:
+            judged.reject(i, "discriminator")

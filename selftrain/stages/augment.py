@@ -58,7 +58,15 @@ from selftrain.modeling.generation import (
 )
 from selftrain.modeling.rewrite import word_candidates
 from selftrain.modeling.scoring import context_length
-from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
+from selftrain.stages.base import (
+    RunState,
+    Stage,
+    StageConfig,
+    StageResult,
+    discriminator_for,
+    fmt,
+    register,
+)
 from selftrain.training.adapters import check_adapter
 from selftrain.training.precision import resolve_precision
 from selftrain.training.sft import SFTOptions, sft_train
@@ -80,6 +88,7 @@ class FilterOptions(BaseModel):
     perplexity_ratio: float | None = Field(2.0, gt=0, description="Reject variants whose perplexity under the current model exceeds this multiple of the source's; null: off. Causal models only.")
     max_perplexity: float | None = Field(None, gt=1, description="Reject variants above this perplexity; null: off.")
     max_tokens: int = Field(128, ge=8, description="Tokens of each text scored by the similarity and perplexity filters (MiniLM was trained on 128).")
+    discriminator: float | None = Field(None, ge=0, le=1, description="Reject variants the run's discriminator (from an accepted adversarial stage) gives P(real) below this; null: off.")
 
 
 class ParaphraseOptions(BaseModel):
@@ -385,6 +394,9 @@ class AugmentStage(Stage):
             filters.perplexity_filter(judged, model, tokenizer, source_texts, variant_texts,
                                       max_ratio=f.perplexity_ratio, max_perplexity=f.max_perplexity,
                                       max_length=min(f.max_tokens, context_length(model, tokenizer)))
+        discriminator = discriminator_for(f.discriminator, state, "augment.filters.discriminator")
+        if discriminator is not None:
+            filters.discriminator_filter(judged, variant_texts, discriminator, min_score=f.discriminator)
         draws = ops.uniforms(ops.row_keys(variant_texts, state.seed, 97), 1)[:, 0] if candidates else np.zeros(0)
         filters.cap_per_source(judged, parents, config.max_per_source, draws)
 
@@ -398,7 +410,8 @@ class AugmentStage(Stage):
         for k in kept:
             i, op, variant = candidates[k]
             scores = {"op_alpha": config.alpha if op in ("synonym", "insert", "swap", "delete", "typo", "contextual")
-                      else None, "similarity": judged.similarity[k], "perplexity_ratio": judged.perplexity_ratio[k]}
+                      else None, "similarity": judged.similarity[k], "perplexity_ratio": judged.perplexity_ratio[k],
+                      "real_score": judged.real_score[k]}
             if config.inputs == "labelled":
                 row = rows[i]
                 texts.append(row["text"].replace(units[i], variant, 1))
@@ -441,7 +454,8 @@ class AugmentStage(Stage):
                    "synonym_source": synonym_source, "synonym_words": len(synonyms) if synonym_source else None,
                    "ops": per_op, "candidates": len(candidates), "kept": len(kept), "dropped_by_cap": capped,
                    "rejected": dict(judged.rejected), "embedder": embedder,
-                   "perplexity_filter": scored_perplexity, **train_metrics}
+                   "perplexity_filter": scored_perplexity,
+                   "discriminator_filter": None if f.discriminator is None else discriminator is not None, **train_metrics}
         return StageResult(checkpoint=checkpoint, additions=additions, artefacts={"augment_samples": samples},
                            metrics=metrics)
 

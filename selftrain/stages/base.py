@@ -138,6 +138,23 @@ class Stage:
         return ""
 
 
+def discriminator_for(min_score: float | None, state: RunState, option: str):
+    """The discriminator an accepted ``adversarial`` stage published, when a filter asks for one
+    (``min_score`` set); None when it is off, or (with a warning) when no such stage was accepted."""
+    if min_score is None:
+        return None
+    path = state.auxiliary.get("discriminator")
+    if path is None:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]{option} is set, but no accepted adversarial stage has published a "
+                                   "discriminator yet: the filter is skipped (the stage's metrics say so)[/]")
+        return None
+    from selftrain.modeling.discriminator import Discriminator
+
+    return Discriminator.load(path)
+
+
 def fmt(value, digits: int = 2) -> str:
     """A number for a report table: ``-`` for none, floats to ``digits`` places."""
     if value is None:

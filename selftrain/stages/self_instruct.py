@@ -22,7 +22,14 @@ from selftrain.errors import SelftrainError
 from selftrain.modeling.chat import render_prompt, use_chat
 from selftrain.modeling.factory import save_checkpoint
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
-from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, register
+from selftrain.stages.base import (
+    RunState,
+    Stage,
+    StageConfig,
+    StageResult,
+    discriminator_for,
+    register,
+)
 from selftrain.training.adapters import check_adapter
 from selftrain.training.sft import SFTOptions, paced_by_curriculum, sft_train
 
@@ -50,6 +57,7 @@ class SelfInstructConfig(StageConfig):
     max_rouge_l: float = Field(0.7, gt=0, le=1, description="Drop an instruction this ROUGE-L-similar to a kept one.")
     max_pool_jaccard: float = Field(0.5, gt=0, le=1, description="Drop a pair whose 3-gram Jaccard with a pool text reaches this (MinHash).")
     chat: bool | Literal["auto"] = Field("auto", description="Answer through the chat template where the model has one.")
+    min_discriminator_score: float | None = Field(None, ge=0, le=1, description="Drop a pair the run's discriminator (from an accepted adversarial stage) gives P(real) below this; null: off.")
     train: SFTOptions | None = Field(default_factory=SFTOptions, description="Fine-tuning on accepted pairs; null to only add them to the pool.")
 
 
@@ -161,6 +169,7 @@ class SelfInstructStage(Stage):
         seeds = [s.instruction for s in config.seed_tasks]
         novelty = NoveltyFilter(seeds, state.pool.texts(), config.max_rouge_l, config.max_pool_jaccard)
         console = Console(stderr=True)
+        discriminator = discriminator_for(config.min_discriminator_score, state, "self_instruct.min_discriminator_score")
         accepted: list[dict] = []
         dropped: dict[str, int] = {}
         proposed = 0
@@ -195,6 +204,9 @@ class SelfInstructStage(Stage):
                     dropped["truncated_response"] = dropped.get("truncated_response", 0) + 1
                     continue  # cut mid-sentence: training on it (with EOS) would teach stopping mid-thought
                 reason, best = novelty.check(instruction, pair_text(instruction, response))
+                if not reason and discriminator is not None and \
+                        discriminator.p_real([pair_text(instruction, response)])[0] < config.min_discriminator_score:
+                    reason = "discriminator"
                 if reason:
                     dropped[reason] = dropped.get(reason, 0) + 1
                     continue
@@ -207,7 +219,8 @@ class SelfInstructStage(Stage):
             console.print(f"  batch {batch + 1}/{config.max_batches}: {proposed} proposed, {len(accepted)} accepted")
         metrics = {"proposed": proposed, "accepted": len(accepted), "dropped": dropped,
                    "acceptance_rate": len(accepted) / proposed if proposed else 0.0,
-                   "examples": accepted[:5]}
+                   "examples": accepted[:5],
+                   "discriminator_filter": None if config.min_discriminator_score is None else discriminator is not None}
         if not accepted:  # nothing passed: the stage changes nothing, and says why in its metrics
             return StageResult(metrics=metrics)
         checkpoint = None

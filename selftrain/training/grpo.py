@@ -10,6 +10,10 @@ weighted sums of several rewards.
 Rewards are wrapped by ``GuardedReward``: a reward function that raises or returns the wrong
 number of values has that batch skipped (its rewards are None, i.e. no signal) and counted; only
 after ``max_failures`` such batches does training stop, with the last error in the message.
+
+An optional maximum-likelihood term (``MLETerm``) adds ``weight`` x the causal-LM loss of a batch of
+real text blocks to every GRPO loss: the policy is pulled toward the data while it chases a reward
+(the adversarial stage's generator, which would otherwise drift to whatever fools its critic).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +54,54 @@ class GRPOOptions:
     generation_batch_size: int = 64  # prompts the backend samples together
     precision: str = "auto"
     adapter: LoraOptions | None = None  # LoRA, merged after training; None: full fine-tuning
+
+
+class EnvMetrics:
+    """What a GRPO environment reports: per-step means (``note``) and running ``counts``; read by
+    the step recorder at each logged step."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.rollout_seconds = 0.0  # time spent generating, summed by the rollout hook
+        self._step: dict[str, list[float]] = defaultdict(list)
+
+    def note(self, name: str, value: float) -> None:
+        self._step[name].append(value)
+
+    def pop_metrics(self) -> dict:
+        """Means since the last call, plus the running counts (``<name>_total``)."""
+        out = {f"env/{k}": sum(v) / len(v) for k, v in self._step.items() if v}
+        out.update({f"env/{k}_total": v for k, v in self.counts.items()})
+        self._step = defaultdict(list)
+        return out
+
+
+@dataclass
+class MLETerm:
+    blocks: list[list[int]]  # token ids of real text, all of one length
+    weight: float = 0.1  # multiplies the LM loss added to each GRPO loss
+    batch_size: int = 8  # blocks per added loss
+    seed: int = 0
+
+
+def with_mle(trainer_cls: type) -> type:
+    """``trainer_cls`` (TRL's GRPOTrainer) whose loss also carries ``mle.weight`` x the LM loss of real blocks."""
+
+    class GRPOWithMLE(trainer_cls):
+        def __init__(self, *args, mle: MLETerm, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.mle = mle
+            self._mle_gen = torch.Generator().manual_seed(mle.seed)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            rows = torch.randint(len(self.mle.blocks), (self.mle.batch_size,), generator=self._mle_gen).tolist()
+            ids = torch.tensor([self.mle.blocks[r] for r in rows], device=loss.device)
+            lm_loss = model(input_ids=ids, labels=ids).loss
+            self._metrics["train"]["mle_loss"].append(float(lm_loss))
+            return loss + self.mle.weight * lm_loss
+
+    return GRPOWithMLE
 
 
 class GuardedReward:
@@ -100,13 +152,15 @@ def backend_rollout(env, sampling: SamplingParams, batch_size: int, autocast_dty
 
 def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]], *, opts: GRPOOptions,
                out_dir: Path, seed: int, log: Callable[[dict], None] = lambda r: None, stage_key: str = "",
-               callbacks: list | None = None, report_to: str = "none") -> tuple[object, list[dict], list[GuardedReward]]:
+               callbacks: list | None = None, report_to: str = "none",
+               mle: MLETerm | None = None) -> tuple[object, list[dict], list[GuardedReward]]:
     """Run GRPO for ``opts.max_steps`` steps; return (the trained plain model, per-step records,
     guarded rewards). ``env`` has ``rollout(groups, g, backend, sampling)`` and the ``EnvMetrics``
     bookkeeping; ``rewards`` maps a name to (function, weight). ``callbacks`` are extra
     ``TrainerCallback``s (a bench's time budget and learning curve). The dataset is one placeholder
     row per slot (``groups_per_step * max_steps``): the environment, not a data order, decides what
-    each slot plays (a curriculum drives it through the environment)."""
+    each slot plays (a curriculum drives it through the environment). ``mle`` adds a
+    maximum-likelihood term on real text to the loss."""
     from trl import GRPOConfig, GRPOTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is what lets our backend generate
@@ -127,8 +181,9 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
     )
     sampling = SamplingParams(max_new_tokens=opts.completion_tokens, temperature=opts.temperature,
                               top_p=1.0, seed=None)  # no reseeding: fresh samples every step
-    trainer = GRPOTrainer(
-        model=model, reward_funcs=guarded, args=args, train_dataset=slots, processing_class=tokenizer,
+    trainer_cls, extra = (with_mle(GRPOTrainer), {"mle": mle}) if mle is not None and mle.weight > 0 else (GRPOTrainer, {})
+    trainer = trainer_cls(
+        **extra, model=model, reward_funcs=guarded, args=args, train_dataset=slots, processing_class=tokenizer,
         rollout_func=backend_rollout(env, sampling, batch_size=opts.generation_batch_size,
                                      autocast_dtype=torch.bfloat16 if precision == "bf16" else None),
         peft_config=lora_config(opts.adapter, model) if opts.adapter else None)
