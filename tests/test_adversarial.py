@@ -110,7 +110,8 @@ def test_a_discriminator_that_keeps_winning_is_weakened_and_the_event_logged(mic
             pass
 
     opts = AdversarialConfig().discriminator.model_copy(update={"weaken_above": 0.95, "weaken_patience": 2})
-    turn = DiscriminatorTurn(Env(), disc, updater, weakening, TEXTS, opts, state, round_=1, step_offset=10)
+    turn = DiscriminatorTurn(Env(), disc, updater, weakening, TEXTS[:-20], TEXTS[-20:], opts, state, round_=1,
+                             step_offset=10)
 
     class Step:
         global_step = 0
@@ -125,6 +126,25 @@ def test_a_discriminator_that_keeps_winning_is_weakened_and_the_event_logged(mic
     assert [r["event"] for r in logged if "event" in r] == ["discriminator_weakened"]
 
 
+def test_weakening_never_strengthens_and_a_frozen_discriminator_stays_frozen():
+    strong = Weakening(label_smoothing=0.44, noise=0.6, updates=1)
+    strong.weaken()
+    assert (strong.label_smoothing, strong.noise, strong.updates) == (0.45, 0.6, 1)
+    frozen = Weakening(updates=0)
+    frozen.weaken()
+    assert frozen.updates == 0 and frozen.label_smoothing == 0.1
+
+
+def test_an_empty_sample_is_never_real(micro):
+    """A sample that stops at once decodes to nothing; to a classifier without a bias an all-padding
+    row reads 0.5 whatever it learned, so P(real) of an empty text is 0 by rule."""
+    from selftrain.rewards.discriminator import DiscriminatorReward
+
+    disc = Discriminator.build("lm", generator_dir=micro[0], tokenizer=micro[2], max_length=32, seed=0)
+    scores = DiscriminatorReward(disc)(["", "", ""], ["", "  ", "the cat"], window=["", "  ", "the cat"])
+    assert scores[:2] == [0.0, 0.0] and 0 < scores[2] < 1
+
+
 # ---------------------------------------------------------------------- the game
 def test_under_the_game_the_generators_discriminator_score_rises(micro, tmp_path):
     """With the discriminator frozen after pre-training (updates 0), the same judge scores the
@@ -137,9 +157,9 @@ def test_under_the_game_the_generators_discriminator_score_rises(micro, tmp_path
     disc = Discriminator.load(result.auxiliary["discriminator"])
     env = adversarial.AdversarialEnv(micro[2], state.pool.rows("real"), config, seed=0)
     trained, _ = load_checkpoint(result.checkpoint, "causal")
-    before = disc.p_real(env.sample(micro[1], 64, seed=5)[0]).mean()
-    after = disc.p_real(env.sample(trained, 64, seed=5)[0]).mean()
-    assert after > 2 * before and after > before + 0.02, (before, after)  # e.g. 0.017 -> 0.061
+    before = disc.p_real(env.sample(micro[1], 128, seed=5)[0]).mean()
+    after = disc.p_real(env.sample(trained, 128, seed=5)[0]).mean()
+    assert after > 1.5 * before, (before, after)  # measured: 0.017 -> 0.042
     assert result.metrics["rewards/discriminator/mean/last"] > result.metrics["rewards/discriminator/mean/first"]
     assert len(result.metrics["rounds"]) == 3 and result.metrics["returned_round"] == 2
 
@@ -189,7 +209,8 @@ def test_collapse_in_a_later_round_returns_the_last_healthy_generator(tmp_path, 
     entry = manifest["stages"][1]
     m = entry["stage_metrics"]
     assert m["returned_round"] == 1 and [e["event"] for e in m["events"]][-1] == "collapse"
-    assert m["rounds"][2]["self_bleu"] > m["rounds"][0]["self_bleu"] + 0.15
+    assert collapse_reason(m["rounds"][0], m["rounds"][2], AdversarialConfig()) == m["events"][-1]["reason"]
+    assert collapse_reason(m["rounds"][0], m["rounds"][1], AdversarialConfig()) is None
     assert "collapse" not in m and entry["decision"] == "accepted"
     assert entry["checkpoint"].endswith("game/round-1/generator")
 
@@ -206,7 +227,7 @@ def test_collapse_in_the_first_round_is_handed_to_the_guard(tmp_path, monkeypatc
 # ---------------------------------------------------------------------- through the runner
 def test_approved_samples_carry_provenance_and_respect_the_synthetic_cap(tmp_path):
     adv = {**SMALL, "rounds": 1, "prompt": "prefix", "prefix_tokens": 4, "synthesize": 48, "keep_fraction": 0.5}
-    manifest = _run(tmp_path, [pretrain(), {"adversarial": adv}], guard={"tolerance": 10.0, "max_synthetic_fraction": 0.05})
+    manifest = _run(tmp_path, [pretrain(), {"adversarial": adv}], guard={"tolerance": 10.0, "max_synthetic_fraction": 0.02})
     entry = manifest["stages"][1]
     assert entry["decision"] == "accepted"
     run = tmp_path / "run"
@@ -215,11 +236,13 @@ def test_approved_samples_carry_provenance_and_respect_the_synthetic_cap(tmp_pat
     n_real = len(pool.rows("real"))
     synth = entry["stage_metrics"]["synthesis"]
     assert synth["kept"] == entry["pool_added"] + entry["pool_dropped_by_cap"] and entry["pool_dropped_by_cap"] > 0
-    assert len(rows) == entry["pool_added"] == int(0.05 * n_real / 0.95)  # the cap, exactly
+    assert len(rows) == entry["pool_added"] == int(0.02 * n_real / 0.98)  # the cap, exactly
     real_ids = {r["id"] for r in pool.rows("real")}
     for r in rows:
         assert r["op"] == "approved" and r["stage"] == entry["key"] and r["round"] == 1
         assert r["parent_id"] in real_ids  # the real text whose prefix the sample continues
+        parent = next(p["text"] for p in pool.rows("real") if p["id"] == r["parent_id"])
+        assert " ".join(r["text"].split()) not in " ".join(parent.split())  # not the real text itself
         assert 0 <= r["meta"]["disc_score"] <= 1
     approved = [json.loads(line) for line in (run / entry["artefacts"]["adversarial_samples"]).read_text().splitlines()]
     scores = [a["score"] for a in approved]

@@ -113,8 +113,14 @@ class Discriminator:
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
     def p_real(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Calibrated probability that each text is real."""
-        return real_probability(self.raw_logits(texts, batch_size), self.temperature)
+        """Calibrated probability that each text is real; 0 for an empty text (real text never is,
+        and an all-padding row would read as 0.5 to a classifier without a bias)."""
+        texts = list(texts)
+        out = np.zeros(len(texts))
+        filled = [i for i, t in enumerate(texts) if t.strip()]
+        if filled:
+            out[filled] = real_probability(self.raw_logits([texts[i] for i in filled], batch_size), self.temperature)
+        return out
 
 
 def real_probability(logits: np.ndarray, temperature: float) -> np.ndarray:

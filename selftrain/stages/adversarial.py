@@ -7,7 +7,8 @@
    discrete, so a policy gradient, as SeqGAN) with the discriminator's P(real) of each sample as its
    reward, a KL term to the pre-adversarial model (``beta``) and optionally a maximum-likelihood
    term on real text (``mle_weight``). After each generator step the discriminator is scored on
-   that step's samples (fresh: it has not trained on them) and updated ``updates`` times on them.
+   that step's samples (fresh: it has not trained on them) against real texts it never trained on,
+   then updated ``updates`` times on them.
 3. Failure modes: a discriminator that keeps winning (accuracy on fresh samples >= ``weaken_above``
    for ``weaken_patience`` steps; its reward then says nothing) is weakened — label smoothing and
    instance noise up, updates per step halved — and the event is logged. After each round, samples
@@ -59,6 +60,7 @@ from selftrain.workspace import (
 )
 
 STATE = "state.json"
+OPTIMIZER = "discriminator_optimizer.pt"  # its AdamW moments, so a resumed game updates it as an unbroken one
 
 
 class DiscriminatorOptions(BaseModel):
@@ -113,9 +115,10 @@ class AdversarialStage(Stage):
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
         d = config.discriminator.kind
-        if d not in KINDS:
-            check_embedder(d, "adversarial.discriminator.kind")
-        elif d == "minilm":
+        if d not in KINDS and not (Path(d) / "config.json").is_file():
+            raise SelftrainError(f"adversarial.discriminator.kind {d!r}: not {', '.join(KINDS)} or a model directory "
+                                 "with a config.json")
+        if d == "minilm":
             check_embedder("minilm", "adversarial.discriminator.kind")
         if config.prompt == "prefix":
             long_enough = sum(len(ids) > config.prefix_tokens for ids in
@@ -141,6 +144,7 @@ class AdversarialStage(Stage):
         if game is None:  # a new game: train and calibrate the discriminator, measure the start
             disc = Discriminator.build(opts.kind, generator_dir=state.checkpoint, tokenizer=tokenizer,
                                        max_length=max_length, seed=state.seed)
+            disc.model.to(state.device)
             weakening = Weakening(label_smoothing=opts.label_smoothing, noise=opts.noise, updates=opts.updates)
             updater = DiscriminatorUpdater(disc, learning_rate=opts.learning_rate, batch_size=opts.batch_size,
                                            seed=state.seed)
@@ -151,16 +155,19 @@ class AdversarialStage(Stage):
             start = {**calibrate(disc, real_cal, cal_fakes), **accuracy(disc, real_cal, cal_fakes)}
             game = {"round": 0, "weakening": weakening.as_dict(), "records": [], "events": [],
                     "discriminator_start": start, "healthy_round": 0,
-                    "rounds": [{"round": 0, **health(model, tokenizer, disc, env, config, state)}]}
-            save_round(game_dir, game, None, tokenizer, disc)
+                    "rounds": [{"round": 0, **health(model, tokenizer, disc, env, real_cal, config, state)}]}
+            save_round(game_dir, game, None, tokenizer, disc, updater)
         else:
             console.print(f"adversarial: resuming after round {game['round']}")
-            disc = Discriminator.load(game_dir / f"round-{game['round']}" / "discriminator")
+            folder = game_dir / f"round-{game['round']}"
+            disc = Discriminator.load(folder / "discriminator")
+            disc.model.to(state.device)
             if game["round"] > 0:
-                model, _ = load_checkpoint(game_dir / f"round-{game['round']}" / "generator", "causal")
+                model = load_checkpoint(folder / "generator", "causal")[0].to(state.device)
             weakening = Weakening(**game["weakening"])
             updater = DiscriminatorUpdater(disc, learning_rate=opts.learning_rate, batch_size=opts.batch_size,
-                                           seed=state.seed + game["round"])
+                                           seed=state.seed)
+            updater.load(folder / OPTIMIZER)
             game["resumed_from_round"] = game["round"]
         mle = None
         if config.mle_weight > 0:
@@ -170,19 +177,23 @@ class AdversarialStage(Stage):
         while game["round"] < config.rounds and "collapse" not in game:
             r = game["round"] + 1
             console.print(f"adversarial: round {r}/{config.rounds}, {config.steps_per_round} generator steps")
-            turn = DiscriminatorTurn(env, disc, updater, weakening, real_train, opts, state, round_=r,
+            env.rng = random.Random(state.seed * 1000 + r)  # per round, so a resumed game draws as an unbroken one
+            updater.reseed(state.seed * 7919 + r)
+            turn = DiscriminatorTurn(env, disc, updater, weakening, real_train, real_cal, opts, state, round_=r,
                                      step_offset=len(game["records"]))
             model.config._name_or_path = str(state.checkpoint)  # TRL's KL reference: the pre-adversarial model
             model, records, _ = grpo_train(
                 model, tokenizer, env, {"discriminator": (DiscriminatorReward(disc), 1.0)},
                 opts=grpo_options(config), out_dir=state.stage_dir / "trainer", seed=state.seed + r, log=state.log,
-                stage_key=state.stage_key, callbacks=[turn], report_to=state.config.run.report_to, mle=mle)
+                stage_key=state.stage_key, callbacks=[turn], report_to=state.config.run.report_to, mle=mle,
+                phase="adversarial")
             offset = len(game["records"])
             game["records"] += [{**rec, "round": r, "step": offset + i + 1} for i, rec in enumerate(records)]
             game["events"] += turn.events
             cal_fakes = env.sample(model, opts.calibration_texts, seed=state.seed + 100 * r)[0]
             calibration = calibrate(disc, real_cal, cal_fakes)
-            now = {"round": r, **health(model, tokenizer, disc, env, config, state), "temperature": calibration["temperature"]}
+            now = {"round": r, **health(model, tokenizer, disc, env, real_cal, config, state),
+                   "temperature": calibration["temperature"]}
             game["rounds"].append(now)
             game["round"], game["weakening"] = r, weakening.as_dict()
             reason = collapse_reason(base, now, config)
@@ -192,15 +203,18 @@ class AdversarialStage(Stage):
                 console.print(f"[yellow]adversarial: mode collapse in round {r}: {reason}[/]")
             else:
                 game["healthy_round"] = r
-            save_round(game_dir, game, model, tokenizer, disc)
+            save_round(game_dir, game, model, tokenizer, disc, updater)
         return self._finish(state, config, game, game_dir, env, console)
 
     def _finish(self, state, config, game, game_dir, env, console) -> StageResult:
         chosen = game["healthy_round"] or game["round"]  # round 1 collapsed: hand it to the guard
         folder = game_dir / f"round-{chosen}"
+        handed_to_guard = "collapse" in game and not game["healthy_round"]
         model, tokenizer = load_checkpoint(folder / "generator", "causal")
         disc = Discriminator.load(folder / "discriminator")
-        approved, synthesis = approve(model, disc, env, config, seed=state.seed, pool_texts=state.pool.texts())
+        disc.model.to(state.device)
+        approved, synthesis = ([], {"sampled": 0, "kept": 0}) if handed_to_guard else approve(
+            model.to(state.device), disc, env, config, seed=state.seed, pool_texts=state.pool.texts())
         additions = make_examples([a["text"] for a in approved], origin="adversarial", op="approved",
                                   stage=state.stage_key, round=state.round,
                                   parent_ids=[a["parent_id"] for a in approved],
@@ -215,7 +229,7 @@ class AdversarialStage(Stage):
                    "returned_round": chosen, "synthesis": synthesis, **summary(game["records"])}
         if "resumed_from_round" in game:
             metrics["resumed_from_round"] = game["resumed_from_round"]
-        if "collapse" in game and not game["healthy_round"]:
+        if handed_to_guard:
             metrics["collapse"] = game["collapse"]  # the runner's guard rolls the stage back
         console.print(f"adversarial: returned round {chosen}; {len(approved)} of {synthesis['sampled']} samples approved")
         artefacts = {"adversarial_steps": steps, "adversarial_samples": samples}
@@ -297,12 +311,14 @@ class AdversarialEnv(EnvMetrics):
 
 
 class DiscriminatorTurn(TrainerCallback):
-    """After each generator step: score the discriminator on that step's samples (fresh), weaken it
-    if it keeps winning, then update it on them."""
+    """After each generator step: score the discriminator on that step's samples (fresh) against
+    held-back real texts, weaken it if it keeps winning, then update it on the samples and real
+    texts from its training slice."""
 
-    def __init__(self, env, disc, updater, weakening: Weakening, real: list[str], opts: DiscriminatorOptions,
-                 state: RunState, round_: int, step_offset: int):
-        self.env, self.disc, self.updater, self.weakening, self.real, self.opts = env, disc, updater, weakening, real, opts
+    def __init__(self, env, disc, updater, weakening: Weakening, real: list[str], held_back: list[str],
+                 opts: DiscriminatorOptions, state: RunState, round_: int, step_offset: int):
+        self.env, self.disc, self.updater, self.weakening, self.opts = env, disc, updater, weakening, opts
+        self.real, self.held_back = real, held_back  # trained on / never trained on (its accuracy is measured there)
         self.state, self.round, self.step_offset = state, round_, step_offset
         self.rng = random.Random(state.seed * 7919 + round_)
         self.streak, self.events = 0, []
@@ -311,8 +327,8 @@ class DiscriminatorTurn(TrainerCallback):
         fake = self.env.fresh
         if not fake:
             return
+        scores = accuracy(self.disc, self.rng.sample(self.held_back, min(len(fake), len(self.held_back))), fake)
         real = self.rng.sample(self.real, min(len(fake), len(self.real)))
-        scores = accuracy(self.disc, real, fake)
         self.env.note("disc_accuracy", scores["accuracy"])
         self.env.note("disc_p_real_of_generated", scores["p_real_of_generated"])
         self.streak = self.streak + 1 if scores["accuracy"] >= self.opts.weaken_above else 0
@@ -352,11 +368,13 @@ def real_blocks(tokenizer, texts: list[str], block_size: int, limit: int = 4096)
 
 
 # ---------------------------------------------------------------------- health and collapse
-def health(model, tokenizer, disc, env: AdversarialEnv, config: AdversarialConfig, state: RunState) -> dict:
+def health(model, tokenizer, disc, env: AdversarialEnv, held_back: list[str], config: AdversarialConfig,
+           state: RunState) -> dict:
     """What one round did to the generator: held-out perplexity, the diversity of its samples, and
-    how real they look to the discriminator (and whether it can still tell)."""
+    how real they look to the discriminator (and whether it can still tell them from real texts it
+    never trained on, ``held_back``)."""
     samples, generated, _ = env.sample(model, config.eval_samples, seed=state.seed + 12345)
-    real = random.Random(state.seed).sample(env.real_windows, min(len(samples), len(env.real_windows)))
+    real = random.Random(state.seed).sample(held_back, min(len(samples), len(held_back)))
     ppl = heldout_perplexity(model, tokenizer, state.heldout, max_tokens=config.eval_tokens) if state.heldout else {}
     scores = accuracy(disc, real, samples)
     return {"heldout_ppl": round(ppl["heldout_ppl"], 3) if ppl else None,
@@ -377,7 +395,7 @@ def collapse_reason(base: dict, now: dict, config: AdversarialConfig) -> str | N
 
 
 # ---------------------------------------------------------------------- saved rounds
-def save_round(game_dir: Path, game: dict, model, tokenizer, disc: Discriminator) -> None:
+def save_round(game_dir: Path, game: dict, model, tokenizer, disc: Discriminator, updater) -> None:
     """The round's generator and discriminator as one directory moved into place, then the state
     that names it; older rounds but the last healthy one are removed."""
     final = game_dir / f"round-{game['round']}"
@@ -387,6 +405,7 @@ def save_round(game_dir: Path, game: dict, model, tokenizer, disc: Discriminator
     if model is not None:
         save_checkpoint(model, tokenizer, tmp / "generator")
     disc.save(tmp / "discriminator")
+    updater.save(tmp / OPTIMIZER)
     replace_dir(tmp, final)
     atomic_write_json(game_dir / STATE, game)
     keep = {final.name, f"round-{game['healthy_round']}"}
@@ -410,10 +429,10 @@ def approve(model, disc: Discriminator, env: AdversarialEnv, config: Adversarial
     unseen word pairs (the diversity floor) and none a copy of a pool text or of another."""
     if config.synthesize == 0:
         return [], {"sampled": 0, "kept": 0}
-    texts, _, parents = env.sample(model, config.synthesize, seed=seed + 777)
+    texts, completions, parents = env.sample(model, config.synthesize, seed=seed + 777)
     scores = disc.p_real(texts)
     target = max(1, round(config.keep_fraction * len(texts)))
-    known = {" ".join(t.split()) for t in pool_texts}
+    known = {" ".join(t.split()) for t in [*pool_texts, *env.real_windows]}  # a memorised real window is no new text
     seen: set[tuple[str, str]] = set()
     kept, rejected = [], {}
     for i in np.argsort(-scores, kind="stable"):
@@ -421,7 +440,7 @@ def approve(model, disc: Discriminator, env: AdversarialEnv, config: Adversarial
             break
         text, reason = texts[i].strip(), None
         pairs = set(zip(words(text), words(text)[1:]))
-        if not text:
+        if not text or not completions[i].strip():
             reason = "empty"
         elif scores[i] < config.min_score:
             reason = "below_min_score"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ class Weakening:
     times: int = 0  # how often it was weakened
 
     def weaken(self, *, smoothing_step: float = 0.1, noise_step: float = 0.05) -> None:
-        self.label_smoothing = round(min(0.3, self.label_smoothing + smoothing_step), 3)
-        self.noise = round(min(0.3, self.noise + noise_step), 3)
+        """More smoothing and noise (never less than now), half the updates (never below one)."""
+        self.label_smoothing = round(max(self.label_smoothing, min(0.45, self.label_smoothing + smoothing_step)), 3)
+        self.noise = round(max(self.noise, min(0.5, self.noise + noise_step)), 3)
         self.updates = max(1, self.updates // 2) if self.updates else 0  # 0 (frozen) stays frozen
         self.times += 1
 
@@ -55,12 +57,26 @@ class DiscriminatorUpdater:
     def __init__(self, disc: Discriminator, *, learning_rate: float, batch_size: int, seed: int):
         self.disc, self.batch_size = disc, batch_size
         self.optimizer = torch.optim.AdamW(disc.model.parameters(), lr=learning_rate, weight_decay=0.01)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Minibatch and noise draws from ``seed`` (each round reseeds, so a resumed game draws alike)."""
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
 
+    def save(self, path: Path) -> None:
+        torch.save(self.optimizer.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        """The optimizer's moments from a saved round (tensors and numbers only: ``weights_only``)."""
+        self.optimizer.load_state_dict(torch.load(path, weights_only=True, map_location=self.disc.model.device))
+
     def update(self, real: list[str], fake: list[str], *, steps: int, weakening: Weakening) -> float:
         """``steps`` optimizer steps on minibatches drawn from ``real`` and ``fake``; the mean loss."""
+        real, fake = [t for t in real if t.strip()], [t for t in fake if t.strip()]  # empty ones are never real: P = 0 by rule
         model = self.disc.model
+        if not real or not fake:
+            return float("nan")
         model.train()
         losses = []
         half = max(1, self.batch_size // 2)

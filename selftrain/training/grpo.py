@@ -98,8 +98,9 @@ def with_mle(trainer_cls: type) -> type:
             rows = torch.randint(len(self.mle.blocks), (self.mle.batch_size,), generator=self._mle_gen).tolist()
             ids = torch.tensor([self.mle.blocks[r] for r in rows], device=loss.device)
             lm_loss = model(input_ids=ids, labels=ids).loss
-            self._metrics["train"]["mle_loss"].append(float(lm_loss))
-            return loss + self.mle.weight * lm_loss
+            self._metrics["train"]["mle_loss"].append(float(lm_loss.detach()))
+            # TRL's loss is already divided for gradient accumulation (the Trainer does not divide it again)
+            return loss + self.mle.weight * lm_loss / self.current_gradient_accumulation_steps
 
     return GRPOWithMLE
 
@@ -153,7 +154,7 @@ def backend_rollout(env, sampling: SamplingParams, batch_size: int, autocast_dty
 def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]], *, opts: GRPOOptions,
                out_dir: Path, seed: int, log: Callable[[dict], None] = lambda r: None, stage_key: str = "",
                callbacks: list | None = None, report_to: str = "none",
-               mle: MLETerm | None = None) -> tuple[object, list[dict], list[GuardedReward]]:
+               mle: MLETerm | None = None, phase: str = "selfplay") -> tuple[object, list[dict], list[GuardedReward]]:
     """Run GRPO for ``opts.max_steps`` steps; return (the trained plain model, per-step records,
     guarded rewards). ``env`` has ``rollout(groups, g, backend, sampling)`` and the ``EnvMetrics``
     bookkeeping; ``rewards`` maps a name to (function, weight). ``callbacks`` are extra
@@ -187,7 +188,7 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
         rollout_func=backend_rollout(env, sampling, batch_size=opts.generation_batch_size,
                                      autocast_dtype=torch.bfloat16 if precision == "bf16" else None),
         peft_config=lora_config(opts.adapter, model) if opts.adapter else None)
-    recorder = StepRecorder(env, log, stage_key, guarded)
+    recorder = StepRecorder(env, log, stage_key, guarded, phase=phase)
     train_and_clean(trainer, out_dir, [recorder, *(callbacks or [])])
     return merge(trainer.model), recorder.records, guarded
 
