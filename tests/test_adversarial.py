@@ -143,6 +143,12 @@ def test_an_empty_sample_is_never_real(micro):
     disc = Discriminator.build("lm", generator_dir=micro[0], tokenizer=micro[2], max_length=32, seed=0)
     scores = DiscriminatorReward(disc)(["", "", ""], ["", "  ", "the cat"], window=["", "  ", "the cat"])
     assert scores[:2] == [0.0, 0.0] and 0 < scores[2] < 1
+    # with a real prefix as the prompt, an empty completion is still no sample (not the bare prefix)
+    tok = micro[2]
+    env = adversarial.AdversarialEnv(tok, [{"id": "a", "text": TEXTS[0]}], AdversarialConfig(prompt="prefix",
+                                                                                            prefix_tokens=4), seed=0)
+    ids = tok(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert env._windows([ids[:4], ids[:4]], [[tok.eos_token_id], ids[4:8]]) == ["", tok.decode(ids[:8])]
 
 
 # ---------------------------------------------------------------------- the game

@@ -28,6 +28,8 @@ with it). Plots: ``adversarial.png``.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
 import math
 import random
@@ -69,7 +71,7 @@ class DiscriminatorOptions(BaseModel):
     kind: str = Field("scratch", description="scratch (small encoder on the model's tokenizer), minilm, lm (the model's body + a head), or a local classifier directory.")
     learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate (use ~2e-5 for minilm or lm).")
     batch_size: int = Field(32, ge=2, description="Texts per update, half real and half generated.")
-    pretrain_steps: int = Field(300, ge=0, description="Updates before the game, on real text vs the start model's samples (60 left a scratch encoder at chance on docstrings; 300 reached 0.65 on unseen ones).")
+    pretrain_steps: int = Field(300, ge=0, description="Updates before the game, on real text vs the start model's samples (60 on 128 samples left a scratch encoder at chance on docstrings; 300 on 1,000 reached 0.65 on unseen ones).")
     pretrain_samples: int = Field(512, ge=2, description="Samples of the start model for those updates (more samples generalise better than more updates).")
     updates: int = Field(1, ge=0, description="Updates per generator step (k); 0 freezes the discriminator after pre-training.")
     calibration_texts: int = Field(64, ge=4, description="Real texts held back from its training (and as many fresh samples) to fit its temperature.")
@@ -179,13 +181,14 @@ class AdversarialStage(Stage):
             console.print(f"adversarial: round {r}/{config.rounds}, {config.steps_per_round} generator steps")
             env.rng = random.Random(state.seed * 1000 + r)  # per round, so a resumed game draws as an unbroken one
             updater.reseed(state.seed * 7919 + r)
+            round_mle = dataclasses.replace(mle, seed=state.seed * 1000 + r) if mle else None  # new real blocks each round
             turn = DiscriminatorTurn(env, disc, updater, weakening, real_train, real_cal, opts, state, round_=r,
                                      step_offset=len(game["records"]))
             model.config._name_or_path = str(state.checkpoint)  # TRL's KL reference: the pre-adversarial model
             model, records, _ = grpo_train(
                 model, tokenizer, env, {"discriminator": (DiscriminatorReward(disc), 1.0)},
                 opts=grpo_options(config), out_dir=state.stage_dir / "trainer", seed=state.seed + r, log=state.log,
-                stage_key=state.stage_key, callbacks=[turn], report_to=state.config.run.report_to, mle=mle,
+                stage_key=state.stage_key, callbacks=[turn], report_to=state.config.run.report_to, mle=round_mle,
                 phase="adversarial")
             offset = len(game["records"])
             game["records"] += [{**rec, "round": r, "step": offset + i + 1} for i, rec in enumerate(records)]
@@ -280,6 +283,7 @@ class AdversarialEnv(EnvMetrics):
         keep = [(r, t) for r, t in zip(shuffled, ids) if len(t) > self.prefix]
         self.real_windows = [tokenizer.decode(t[:self.window_tokens], skip_special_tokens=True) for _, t in keep]
         self.prefixes = [(r["id"], tokenizer.decode(t[:self.prefix], skip_special_tokens=True)) for r, t in keep]
+        self.real_texts = [r["text"] for r in rows]  # every real row, for the approval's copy check
         self.fresh: list[str] = []
 
     def _prompts(self, n: int, rng: random.Random) -> tuple[list[str], list[str | None]]:
@@ -289,7 +293,10 @@ class AdversarialEnv(EnvMetrics):
         return [p for _, p in picks], [i for i, _ in picks]
 
     def _windows(self, prompt_ids, completion_ids) -> list[str]:
-        return [self.tok.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
+        """What the discriminator judges: prompt + completion; "" when the completion is blank (a bare
+        real prefix is no sample, and empty text scores 0)."""
+        return [self.tok.decode(p + c, skip_special_tokens=True)
+                if self.tok.decode(c, skip_special_tokens=True).strip() else "" for p, c in zip(prompt_ids, completion_ids)]
 
     def rollout(self, groups: int, g: int, backend, sampling) -> dict:
         prompts, _ = self._prompts(groups, self.rng)
@@ -332,7 +339,7 @@ class DiscriminatorTurn(TrainerCallback):
         self.env.note("disc_accuracy", scores["accuracy"])
         self.env.note("disc_p_real_of_generated", scores["p_real_of_generated"])
         self.streak = self.streak + 1 if scores["accuracy"] >= self.opts.weaken_above else 0
-        if self.streak >= self.opts.weaken_patience:
+        if self.streak >= self.opts.weaken_patience and self.weakening.updates:  # a frozen one has nothing to weaken
             self.weakening.weaken()
             event = {"event": "discriminator_weakened", "round": self.round, "step": self.step_offset + state.global_step,
                      "accuracy": round(scores["accuracy"], 3), **self.weakening.as_dict()}
@@ -432,7 +439,8 @@ def approve(model, disc: Discriminator, env: AdversarialEnv, config: Adversarial
     texts, completions, parents = env.sample(model, config.synthesize, seed=seed + 777)
     scores = disc.p_real(texts)
     target = max(1, round(config.keep_fraction * len(texts)))
-    known = {" ".join(t.split()) for t in [*pool_texts, *env.real_windows]}  # a memorised real window is no new text
+    known = {" ".join(t.split()) for t in pool_texts}
+    real_starts = sorted(" ".join(t.split()) for t in env.real_texts)  # a memorised beginning of a real text is no new text
     seen: set[tuple[str, str]] = set()
     kept, rejected = [], {}
     for i in np.argsort(-scores, kind="stable"):
@@ -444,7 +452,7 @@ def approve(model, disc: Discriminator, env: AdversarialEnv, config: Adversarial
             reason = "empty"
         elif scores[i] < config.min_score:
             reason = "below_min_score"
-        elif " ".join(text.split()) in known:
+        elif " ".join(text.split()) in known or _starts_a(real_starts, " ".join(text.split())):
             reason = "duplicate"
         elif not pairs or len(pairs - seen) / len(pairs) < config.min_novel_bigrams:
             reason = "not_novel"
@@ -458,6 +466,12 @@ def approve(model, disc: Discriminator, env: AdversarialEnv, config: Adversarial
                   "mean_score": round(float(scores.mean()), 4),
                   "kept_mean_score": round(float(np.mean([k["score"] for k in kept])), 4) if kept else None,
                   "kept_distinct_2": round(distinct_n([k["text"] for k in kept], 2), 4) if kept else None}
+
+
+def _starts_a(sorted_texts: list[str], text: str) -> bool:
+    """Whether ``text`` is the beginning of one of ``sorted_texts`` (or all of it)."""
+    i = bisect.bisect_left(sorted_texts, text)
+    return i < len(sorted_texts) and sorted_texts[i].startswith(text)
 
 
 # ---------------------------------------------------------------------- summary and plot

@@ -152,7 +152,9 @@ def discriminator_for(min_score: float | None, state: RunState, option: str):
         return None
     from selftrain.modeling.discriminator import Discriminator
 
-    return Discriminator.load(path)
+    disc = Discriminator.load(path)
+    disc.model.to(state.device)
+    return disc
 
 
 def fmt(value, digits: int = 2) -> str:

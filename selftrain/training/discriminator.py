@@ -42,8 +42,8 @@ class Weakening:
 
     def weaken(self, *, smoothing_step: float = 0.1, noise_step: float = 0.05) -> None:
         """More smoothing and noise (never less than now), half the updates (never below one)."""
-        self.label_smoothing = round(max(self.label_smoothing, min(0.45, self.label_smoothing + smoothing_step)), 3)
-        self.noise = round(max(self.noise, min(0.5, self.noise + noise_step)), 3)
+        self.label_smoothing = max(self.label_smoothing, round(min(0.45, self.label_smoothing + smoothing_step), 3))
+        self.noise = max(self.noise, round(min(0.5, self.noise + noise_step), 3))
         self.updates = max(1, self.updates // 2) if self.updates else 0  # 0 (frozen) stays frozen
         self.times += 1
 
@@ -126,6 +126,7 @@ def calibrate(disc: Discriminator, real: list[str], fake: list[str]) -> dict:
     """Fit the temperature that minimises the log loss on (real, fake); set it; before/after figures."""
     from scipy.optimize import minimize_scalar
 
+    fake = [t for t in fake if t.strip()]  # empty samples score 0 by rule, not by the temperature
     logits = disc.raw_logits(real + fake)
     labels = np.array([1] * len(real) + [0] * len(fake))
 
