@@ -40,6 +40,16 @@ def corpus_file(tmp_path: Path) -> Path:
     return path
 
 
+def micro_lm(tok, seed: int = 0):
+    """An untrained micro Llama over ``tok``'s vocabulary, same weights for the same seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **MICRO_ARCH))
+
+
 def micro_config(run_dir: Path, corpus: Path, stages: list, **sections) -> dict:
     cfg = {
         "run": {"name": "t", "output_dir": str(run_dir), "seed": 0},

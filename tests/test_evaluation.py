@@ -9,19 +9,15 @@ from selftrain.evaluation.diversity import distinct_n, diversity_metrics, repeti
 from selftrain.evaluation.perplexity import heldout_perplexity
 from selftrain.modeling.factory import train_tokenizer
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
-from tests.conftest import MICRO_ARCH, make_corpus
+from tests.conftest import make_corpus
+from tests.conftest import micro_lm as build_micro_lm
 
 
 @pytest.fixture(scope="module")
 def micro_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     texts = make_corpus(80).split("\n\n")
     tok = train_tokenizer(texts, 320, "causal")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                                         **MICRO_ARCH))
+    model = build_micro_lm(tok)
     return model.eval(), tok, texts
 
 

@@ -1,7 +1,7 @@
 """The generation backend: one interface, ``generate(prompts, sampling) -> texts``, that every
 stage which samples goes through. ``TransformersBackend`` works everywhere (batched, left
-padding, KV cache); faster backends (vLLM) plug in behind the same call (any object with that
-``generate`` method will do).
+padding, KV cache, rows that stop at their stop strings); other engines plug in behind the same
+call (any object with that ``generate`` method will do).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from selftrain.errors import SelftrainError
+from selftrain.modeling.decoding import decode_batch
 
 
 @dataclass
@@ -24,13 +25,23 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # completions are cut at the first stop string
 
 
-class TransformersBackend:
-    """``model.generate`` in batches, prompts left-padded so every row continues from its end."""
+ENGINES = ("fast", "generate")
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+
+class TransformersBackend:
+    """Batched decoding over a transformers causal LM, prompts left-padded so every row continues
+    from its end. ``engine="fast"`` (the default) runs ``decoding.decode_batch``: rows stop at EOS
+    or a stop string and leave the batch, prompts are bucketed by length (batches of similar
+    lengths waste no compute on padding). ``engine="generate"`` is plain ``model.generate``, the
+    baseline ``bench/rollout.py`` measures against."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, engine: str = "fast"):
+        if engine not in ENGINES:
+            raise SelftrainError(f"generation engine {engine!r}: expected one of {', '.join(ENGINES)}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.engine = engine
 
     def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:
         _, completions = self.generate_ids(prompts, sampling)
@@ -39,45 +50,70 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate_ids(self, prompts: list[str], sampling: SamplingParams) -> tuple[list[list[int]], list[list[int]]]:
-        """(prompt token ids, completion token ids) per prompt, padding removed; a completion
-        keeps its EOS when it stopped, and is ``max_new_tokens`` long when it never did.
-        Stop strings are not applied here (they are cut from decoded text by ``generate``)."""
+        """(prompt token ids, completion token ids) per prompt, in the prompts' order; a completion
+        keeps the token that ended it (EOS, or the one completing a stop string: the fast engine
+        stops there, ``generate`` only decodes on) and is ``max_new_tokens`` long when none did.
+        ``generate`` cuts stop strings from the decoded text, so both give the same texts."""
         tok, model = self.tokenizer, self.model
+        if not prompts:
+            return [], []
+        generator = None
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
+            generator = torch.Generator(model.device).manual_seed(sampling.seed)
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        # an empty prompt starts from BOS (or EOS): there is nothing else to continue from
+        prompt_ids = [ids or [start] for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i])) if self.engine == "fast" \
+            else list(range(len(prompts)))
+        completions: list[list[int]] = [[] for _ in prompts]
         was_training = model.training
         model.eval()
-        side, tok.padding_side = tok.padding_side, "left"
-        prompt_out: list[list[int]] = []
-        completion_out: list[list[int]] = []
-        max_len = getattr(model.config, "max_position_embeddings", None)
         try:
-            for i in range(0, len(prompts), self.batch_size):
-                batch = prompts[i:i + self.batch_size]
-                enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-                if enc["input_ids"].shape[1] == 0:  # all prompts empty: start from BOS/EOS
-                    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-                    enc = {"input_ids": torch.full((len(batch), 1), start),
-                           "attention_mask": torch.ones(len(batch), 1, dtype=torch.long)}
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                new = sampling.max_new_tokens
-                if max_len:  # never ask for positions the model does not have
-                    new = max(1, min(new, max_len - enc["input_ids"].shape[1]))
-                greedy = sampling.temperature <= 0
-                ids = model.generate(
-                    **enc, max_new_tokens=new, do_sample=not greedy, use_cache=True,
-                    temperature=None if greedy else sampling.temperature,
-                    top_p=None if greedy else sampling.top_p, top_k=sampling.top_k or None,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                )
-                width = enc["input_ids"].shape[1]
-                for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist()):
-                    prompt_out.append([t for t, m in zip(row[:width], mask) if m])
-                    completion_out.append(_until_eos(row[width:], tok.eos_token_id))
+            for b in range(0, len(order), self.batch_size):
+                batch = order[b:b + self.batch_size]
+                rows = [prompt_ids[i] for i in batch]
+                new = self._room(max(len(r) for r in rows), sampling.max_new_tokens)
+                outs = self._fast(rows, new, sampling, generator) if self.engine == "fast" \
+                    else self._plain(rows, new, sampling)
+                for i, ids in zip(batch, outs):
+                    completions[i] = ids
+        finally:
+            model.train(was_training)
+        return prompt_ids, completions
+
+    def _room(self, prompt_len: int, wanted: int) -> int:
+        """Never ask for positions the model does not have."""
+        max_len = getattr(self.model.config, "max_position_embeddings", None)
+        return max(1, min(wanted, max_len - prompt_len)) if max_len else wanted
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    def _fast(self, rows, new, sampling, generator):
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return decode_batch(self.model, self.tokenizer, rows, max_new_tokens=new, temperature=sampling.temperature,
+                            top_k=sampling.top_k, top_p=sampling.top_p, stop=tuple(sampling.stop),
+                            eos_ids=self._eos_ids(), pad_id=pad or 0, generator=generator)
+
+    def _plain(self, rows, new, sampling):
+        tok, model = self.tokenizer, self.model
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = tok.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
         finally:
             tok.padding_side = side
-            model.train(was_training)
-        return prompt_out, completion_out
+        greedy = sampling.temperature <= 0
+        ids = model.generate(
+            **enc, max_new_tokens=new, do_sample=not greedy, use_cache=True,
+            temperature=None if greedy else sampling.temperature,
+            # top_k 0 must reach generate as 0: None falls back to generation_config's top_k of 50
+            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )
+        width = enc["input_ids"].shape[1]
+        return [_until_eos(row[width:], tok.eos_token_id) for row in ids.tolist()]
 
 
 def _until_eos(ids: list[int], eos) -> list[int]:
@@ -120,7 +156,7 @@ class Seq2SeqBackend:
                                  truncation=True, max_length=self.max_source_tokens).to(self.model.device)
             ids = self.model.generate(**enc, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
                                       temperature=None if greedy else sampling.temperature,
-                                      top_p=None if greedy else sampling.top_p, top_k=sampling.top_k or None)
+                                      top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k)
             out += [_cut(t, sampling.stop) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         return out
 
