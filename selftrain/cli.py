@@ -16,14 +16,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from selftrain import distributed
 from selftrain.errors import SelftrainError
 
 app = typer.Typer(
     help="Make a language model better without human labels. `selftrain demo` to see it work.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# under torchrun every rank runs this command; rank 0 speaks for the run (errors are still shown)
+console = Console(quiet=not distributed.is_main())
+err_console = Console(stderr=True, quiet=not distributed.is_main())
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
@@ -33,6 +35,7 @@ def user_errors(interrupted: str = "interrupted"):
         yield
     except SelftrainError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        distributed.settle()  # every rank leaves together: torchrun would kill rank 0 mid-print
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err_console.print(f"\n[bold yellow]{interrupted}[/]", highlight=False, soft_wrap=True)

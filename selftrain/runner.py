@@ -9,6 +9,9 @@ rewritten atomically. Running the same command again skips finished stages and r
 interrupted one (pretrain itself resumes from its last Trainer checkpoint). Resuming checks the
 config per stage: run-level sections and finished stages must match, stages still to run may
 change, and ``restart_from`` redoes a stage and every one after it.
+
+Under ``torchrun`` / ``accelerate launch`` every rank runs every stage (the trainers need them
+all) and rank 0 alone sets up, resumes and writes the run (see ``selftrain.distributed``).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import math
 import shutil
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import yaml
 from rich.console import Console
 
+from selftrain import distributed
 from selftrain.config import GuardConfig, RunConfig
 from selftrain.data.pool import Pool, plain_annotations, prepare_corpus
 from selftrain.errors import SelftrainError
@@ -55,7 +60,7 @@ from selftrain.workspace import (
 )
 
 DONE = ("accepted", "rolled_back", "failed")
-SETUP_FILES = {".lock", "config.yaml", "data", "checkpoints", "metrics.jsonl"}
+SETUP_FILES = {".lock", "config.yaml", "data", "checkpoints", "metrics.jsonl", ".ranks"}
 # What an attempt records about its outcome; cleared when the stage is tried again.
 OUTCOME = ("decision", "reason", "metrics_after", "stage_metrics", "checkpoint", "checkpoint_deleted", "seconds",
            "finished", "pool_added", "pool_dropped_by_cap", "annotations", "artefacts", "auxiliary",
@@ -96,7 +101,7 @@ class Runner:
         self.restart_from = restart_from
         self.command = f"selftrain run {config_path or 'CONFIG'}"  # for the hints in error messages
         self.ws = Workspace(config.run_dir)
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, quiet=not distributed.is_main())
         dev = config.run.device
         if dev == "cuda" and not torch.cuda.is_available():
             raise SelftrainError("run.device=cuda but no CUDA device is available")
@@ -116,12 +121,25 @@ class Runner:
             raise SelftrainError(f"{root} exists and is not a selftrain run directory; choose another run.output_dir")
         if self.restart_from and not self.ws.exists():
             raise SelftrainError(f"--restart-from {self.restart_from}: {root} holds no run to restart")
-        with self.ws.locked():  # before set-up: a second process is refused whatever this one is doing
-            self.ws.clean_temp()
-            manifest = self._resume() if self.ws.exists() else self._setup()
+        distributed.init()
+        # rank 0 holds the lock; the other ranks of its launch work under it
+        with self.ws.locked() if distributed.is_main() else nullcontext():
+            # before set-up: a second process is refused whatever this one is doing
+            manifest = distributed.on_main(self._start)
+            if not distributed.is_main():  # what an earlier launch of this rank left
+                shutil.rmtree(self.ws.scratch_dir, ignore_errors=True)
             manifest = self._stages(manifest)
-            self._finish(manifest)
+            distributed.on_main(lambda: self._finish(manifest))
+            if not distributed.is_main():
+                shutil.rmtree(self.ws.scratch_dir, ignore_errors=True)
+            distributed.barrier()
+            if distributed.is_main():
+                shutil.rmtree(self.ws.root / ".ranks", ignore_errors=True)
         return manifest
+
+    def _start(self) -> dict:
+        self.ws.clean_temp()
+        return self._resume() if self.ws.exists() else self._setup()
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> dict:
@@ -299,6 +317,7 @@ class Runner:
                 ws.save_manifest(before)
                 raise
             ws.save_manifest(manifest)
+            distributed.barrier()  # rank 0's new pool is written before any rank reads it
         return manifest
 
     def _run_one(self, manifest: dict, entry: dict, spec, rnd: int, heldout) -> None:
@@ -354,7 +373,8 @@ class Runner:
             if result.additions:
                 new_pool, added, dropped = pool.add(result.additions, max_synthetic_fraction=cfg.guard.max_synthetic_fraction,
                                                     seed=state.seed)
-                new_pool.save(ws.data_dir / f"pool-{key}")  # a new version; the manifest switches to it
+                if distributed.is_main():
+                    new_pool.save(ws.data_dir / f"pool-{key}")  # a new version; the manifest switches to it
                 entry.update(pool_added=added, pool_dropped_by_cap=dropped)
                 manifest["pool"] = f"data/pool-{key}"
         else:
@@ -372,6 +392,8 @@ class Runner:
         named.update({f"artefact {n!r}": p for n, p in result.artefacts.items()})
         named.update({f"auxiliary model {n!r}": p for n, p in result.auxiliary.items()})
         for what, path in named.items():
+            if not distributed.is_main():  # its checkpoints link to rank 0's, which rank 0 checks
+                break
             path = Path(path).resolve()
             if not path.is_relative_to(stage_dir.resolve()):
                 raise ValueError(f"{what} {path} is outside the stage directory {stage_dir}")

@@ -9,6 +9,7 @@ leaves either the old or the new version of a file, never half of one.
       checkpoints/initial  the starting model (+ tokenizer)
       stages/<key>/        a stage's own directory: trainer checkpoints, its model, plots
       final/               the last accepted model, loadable with transformers
+      .ranks/<rank>/       multi-process runs: the other ranks' stage outputs (scratch, removed at the end)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from selftrain import distributed
 from selftrain.errors import SelftrainError
 
 MANIFEST_VERSION = 2
@@ -142,8 +144,13 @@ class Workspace:
     def final_dir(self) -> Path:
         return self.root / "final"
 
+    @property
+    def scratch_dir(self) -> Path:
+        """Where a rank other than 0 keeps its own stage outputs (only rank 0 writes the run)."""
+        return self.root / ".ranks" / str(distributed.rank())
+
     def stage_dir(self, key: str) -> Path:
-        return self.root / "stages" / key
+        return (self.root if distributed.is_main() else self.scratch_dir) / "stages" / key
 
     def rel(self, path: Path | str | None) -> str | None:
         """Paths in the manifest are relative to the run directory, so a run can be moved."""
@@ -174,13 +181,17 @@ class Workspace:
         return manifest
 
     def save_manifest(self, manifest: dict) -> None:
+        if not distributed.is_main():  # the other ranks keep the same manifest in memory
+            return
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(self.manifest_path, manifest)
 
     def log_metrics(self, record: dict) -> None:
         """Append one whole line with a single write on an O_APPEND descriptor, so a kill can cut
         only the last line. If the file ends in a cut line, start on a new line: the torn one stays
-        alone (the reader skips it) instead of swallowing this record."""
+        alone (the reader skips it) instead of swallowing this record. Rank 0 alone logs."""
+        if not distributed.is_main():
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         line = dumps({"time": round(time.time(), 3), **record}) + "\n"
         fd = os.open(self.metrics_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -209,6 +220,8 @@ class Workspace:
 
     def drop_metrics(self, stages: set[str]) -> None:
         """Remove the records of these stages (a retried or redone stage logs afresh, not twice)."""
+        if not distributed.is_main():
+            return
         records = self.read_metrics()
         kept = [r for r in records if r.get("stage") not in stages]
         if len(kept) != len(records):

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from selftrain import distributed
 from selftrain.config import EvalConfig
 from selftrain.errors import SelftrainError
 from selftrain.evaluation.diversity import diversity_metrics
@@ -36,9 +37,9 @@ def evaluate(model, tokenizer, heldout_texts: list[str], cfg: EvalConfig, *, kin
     if kind == "causal" and cfg.samples > 0:
         backend = backend or TransformersBackend(model, tokenizer, batch_size=cfg.batch_size)
         prompts = sample_prompts(heldout_texts, tokenizer, cfg.samples, cfg.prompt_tokens)
-        samples = backend.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens,
-                                                           temperature=cfg.temperature, top_p=cfg.top_p,
-                                                           seed=seed))
+        sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  seed=seed)
+        samples = distributed.sharded(lambda shard: backend.generate(shard, sampling), prompts)
         metrics.update(diversity_metrics(samples))
     if cfg.tasks:
         metrics.update(task_metrics(model, tokenizer, heldout_texts, cfg, kind=kind, seed=seed))

@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from selftrain import distributed
 from selftrain.modeling.chat import render_prompt, use_chat
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 from selftrain.modeling.scoring import choice_loglikelihoods
@@ -114,7 +115,7 @@ def _score_generation(model, tokenizer, task, docs, prompts, batch_size):
     backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
     sampling = SamplingParams(max_new_tokens=task.generation.max_new_tokens, temperature=0,
                               stop=tuple(task.generation.until))
-    outputs = backend.generate(prompts, sampling)
+    outputs = distributed.sharded(lambda shard: backend.generate(shard, sampling), prompts)
     correct, records = [], []
     for doc, prompt, out in zip(docs, prompts, outputs):
         gold = task.target_text(doc)

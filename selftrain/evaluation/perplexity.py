@@ -2,7 +2,8 @@
 divided by the number of tokens (not a mean of per-block means, which over-weights short blocks).
 
 Causal models score each next token; masked models score a fixed, seeded 15% of positions
-("masked-token perplexity"), so the number is comparable between stages of one run.
+("masked-token perplexity"), so the number is comparable between stages of one run. In a
+multi-process run each rank scores every n-th block and the sums are added up.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import torch
 
+from selftrain import distributed
 from selftrain.errors import SelftrainError
 
 
@@ -32,6 +34,7 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, kind: str = "causa
         raise SelftrainError(f"the text to score has {len(stream)} token(s); perplexity needs at least 2: give more text")
     blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
     blocks = [b for b in blocks if len(b) >= 2]
+    blocks = blocks[distributed.rank()::distributed.world_size()] if distributed.active() else blocks  # summed below
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -63,6 +66,8 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, kind: str = "causa
             total_tokens += int(scored.sum())
     finally:
         model.train(was_training)
+    total_nll, total_entropy, total_tokens = distributed.all_sum([total_nll, total_entropy, total_tokens])
+    total_tokens = int(total_tokens)
     if total_tokens == 0:
         raise SelftrainError("no token of the text was scored (too short for masked-token scoring?): give more text")
     loss = total_nll / total_tokens

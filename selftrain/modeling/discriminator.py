@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selftrain import distributed
 from selftrain.errors import SelftrainError
 from selftrain.modeling.embeddings import MINILM, minilm_dir
 from selftrain.workspace import atomic_write_json
@@ -80,10 +81,13 @@ class Discriminator:
     def save(self, path: Path) -> Path:
         """Weights, tokenizer and calibration into ``path`` (a new directory, written whole)."""
         path = Path(path)
-        self.model.save_pretrained(str(path), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(path))
-        atomic_write_json(path / META, {"temperature": self.temperature, "max_length": self.max_length})
-        return path
+
+        def save():
+            self.model.save_pretrained(str(path), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(path))
+            atomic_write_json(path / META, {"temperature": self.temperature, "max_length": self.max_length})
+
+        return distributed.save_once(path, save)  # in a multi-process run, rank 0 writes it
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "right"

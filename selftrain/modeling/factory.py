@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from selftrain import distributed
 from selftrain.config import ModelConfig
 from selftrain.errors import SelftrainError
 from selftrain.workspace import replace_dir
@@ -169,11 +170,14 @@ def load_checkpoint(path: Path | str, kind: str):
 def save_checkpoint(model, tokenizer, path: Path) -> Path:
     """Write model + tokenizer to a temp dir, then rename into place (atomic for readers)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    replace_dir(tmp, path)
-    return path
+
+    def save():
+        tmp = path.with_name(f".{path.name}.tmp")
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        replace_dir(tmp, path)
+
+    return distributed.save_once(path, save)  # in a multi-process run, rank 0 writes it
 
 
 def count_parameters(model) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import SchedulerType, TrainingArguments
 
+from selftrain import distributed
 from selftrain.config import unknown_name
 from selftrain.errors import SelftrainError
 
@@ -59,10 +60,21 @@ def report_to_value(report_to: str) -> str | list[str]:
 
 def build_arguments(config_cls: type[TrainingArguments], *, output_dir: Path | str, seed: int, precision: str,
                     device: str, report_to: str = "none", user_args: dict[str, Any] | None = None,
-                    where: str = "training arguments", **fields) -> TrainingArguments:
+                    where: str = "training arguments", split_batch: bool = True, **fields) -> TrainingArguments:
     """``config_cls`` (TrainingArguments, SFTConfig, GRPOConfig, DPOConfig) with the shared fields,
     then ``fields`` (the method's), then ``user_args``. A bad value is bad input: SelftrainError
-    naming ``where`` (e.g. ``pretrain.trainer_args``)."""
+    naming ``where`` (e.g. ``pretrain.trainer_args``).
+
+    Under N processes a stage's batch size stays the *global* batch (``split_batch``): each rank
+    takes 1/N of it, so a config trains the same way on one process or many. GRPO keeps its
+    per-process batch (a rank's rollouts are whole groups)."""
+    n = distributed.world_size()
+    batch = fields.get("per_device_train_batch_size")
+    if split_batch and n > 1 and batch:
+        if batch % n:
+            raise SelftrainError(f"{where}: the batch size {batch} does not split over {n} processes; "
+                                 f"use a multiple of {n}")
+        fields["per_device_train_batch_size"] = batch // n
     common = dict(output_dir=str(output_dir), seed=seed, bf16=precision == "bf16", fp16=precision == "fp16",
                   use_cpu=device == "cpu", report_to=report_to_value(report_to), dataloader_num_workers=0)
     if not {"activation_checkpointing", "gradient_checkpointing"} & set(user_args or {}):

@@ -178,7 +178,7 @@ def grpo_train(model, tokenizer, env, rewards: dict[str, tuple[Callable, float]]
         temperature=opts.temperature, beta=opts.beta, reward_weights=[w for _, w in rewards.values()],
         loss_type=opts.loss_type, scale_rewards=opts.scale_rewards, lr_scheduler_type=SCHEDULES[opts.lr_scheduler],
         warmup_steps=opts.warmup_steps, logging_steps=1, save_strategy="no", disable_tqdm=False,
-        shuffle_dataset=False,
+        shuffle_dataset=False, split_batch=False,
     )
     sampling = SamplingParams(max_new_tokens=opts.completion_tokens, temperature=opts.temperature,
                               top_p=1.0, seed=None)  # no reseeding: fresh samples every step

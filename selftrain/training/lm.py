@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import Sampler
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+from selftrain import distributed
 from selftrain.data.packing import count_tokens
 from selftrain.errors import SelftrainError
 from selftrain.training.adapters import LoraOptions, attach, merge
@@ -153,7 +154,8 @@ def lm_train(model, tokenizer, blocks: datasets.Dataset, opts: LMOptions, *, obj
     callback = MetricsCallback(log, stage_key)
     trainer = LMTrainer(model=model, args=args, train_dataset=blocks, data_collator=collator,
                         callbacks=[callback, *(callbacks or [])], order=order)
-    resume = last_complete_checkpoint(out_dir)
+    # every rank resumes from rank 0's checkpoint (the others keep none of their own)
+    resume = distributed.broadcast(last_complete_checkpoint(out_dir))
     if resume:  # the runner dropped the killed attempt's records: the checkpoint's log replays them
         for logs in json.loads((resume / "trainer_state.json").read_text())["log_history"]:
             callback.record(logs.get("step", 0), logs)
@@ -163,7 +165,7 @@ def lm_train(model, tokenizer, blocks: datasets.Dataset, opts: LMOptions, *, obj
     seconds = time.perf_counter() - start
     resumed_step = int(resume.name.split("-")[-1]) if resume else 0
     steps_run = opts.max_steps - resumed_step
-    tokens = steps_run * opts.batch_size * opts.grad_accum * len(blocks[0]["input_ids"]) * args.world_size
+    tokens = steps_run * args.per_device_train_batch_size * opts.grad_accum * len(blocks[0]["input_ids"]) * args.world_size
     losses = callback.losses
     return merge(trainer.model), {
         "precision": precision,
