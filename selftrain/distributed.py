@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    return world_size() <= 1 or rank() == 0
 
 
 _LOCAL = False  # inside ``on_main``: rank 0 works alone, so no collective may start
@@ -64,7 +65,10 @@ def init() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # gloo for CPU tensors (the sums and objects below) beside nccl for CUDA ones; a long timeout,
+    # since the other ranks wait while rank 0 alone sets the run up (data, tokenizer, baseline)
+    torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                         timeout=timedelta(hours=3))
 
 
 def barrier() -> None:

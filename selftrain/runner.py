@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 import traceback
@@ -121,6 +122,10 @@ class Runner:
             raise SelftrainError(f"{root} exists and is not a selftrain run directory; choose another run.output_dir")
         if self.restart_from and not self.ws.exists():
             raise SelftrainError(f"--restart-from {self.restart_from}: {root} holds no run to restart")
+        if os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+            raise SelftrainError("FSDP and DeepSpeed launches are not supported yet: a sharded model must be gathered "
+                                 "by every rank before rank 0 saves it, and the stages save on rank 0 alone. Use "
+                                 "DDP (torchrun, or configs/accelerate/ddp.yaml)")
         distributed.init()
         # rank 0 holds the lock; the other ranks of its launch work under it
         with self.ws.locked() if distributed.is_main() else nullcontext():
@@ -424,7 +429,12 @@ class Runner:
         return after
 
     def _failed(self, entry: dict, error: Exception, start: float, result: StageResult | None = None) -> None:
-        """Record a crashed attempt (traceback in error.txt) and roll it back; the run goes on."""
+        """Record a crashed attempt (traceback in error.txt) and roll it back; the run goes on.
+        In a multi-process run a crash may be one rank's alone (out of memory on one GPU): rolling
+        back there would leave the others waiting in a collective, so the launch ends instead and
+        the stage, still "running" in the manifest, is retried by the next launch."""
+        if distributed.active():
+            raise error
         key, stage_dir = entry["key"], self.ws.stage_dir(entry["key"])
         atomic_write_text(stage_dir / "error.txt", "".join(traceback.format_exception(error)))
         checkpoint = result.checkpoint if isinstance(result, StageResult) else None

@@ -70,3 +70,16 @@ def test_sharded_is_the_plain_call_in_one_process():
     assert distributed.sharded(lambda xs: [x * 2 for x in xs], [1, 2, 3]) == [2, 4, 6]
     assert distributed.all_sum([1.0, 2.0]) == [1.0, 2.0]
     assert distributed.main_path(Path("/r/.ranks/0/stages/k/model")) == Path("/r/stages/k/model")
+
+
+def test_fsdp_and_deepspeed_launches_are_refused_clearly(tmp_path, monkeypatch):
+    from selftrain.config import config_from_dict
+    from selftrain.errors import SelftrainError
+    from selftrain.runner import Runner
+
+    (tmp_path / "corpus.txt").write_text(make_corpus())
+    cfg = config_from_dict(micro_config(tmp_path / "run", tmp_path / "corpus.txt", [pretrain()]))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(SelftrainError, match="FSDP and DeepSpeed"):
+        Runner(cfg).run()
+    assert not (tmp_path / "run").exists()

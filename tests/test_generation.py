@@ -120,3 +120,16 @@ def test_sampling_is_seeded_and_an_unknown_engine_is_refused(lm):
     assert backend.generate(prompts, sampling) == backend.generate(prompts, sampling)
     with pytest.raises(SelftrainError, match="engine"):
         TransformersBackend(model, tok, engine="vllm-on-cpu")
+
+
+def test_a_zero_uniform_never_picks_a_token_of_probability_zero(monkeypatch):
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0, float("-inf")]])
+    monkeypatch.setattr(decoding.torch, "rand", lambda *a, **kw: torch.zeros(1, 1))  # the draw torch.rand can return
+    assert decoding.pick_tokens(logits, 1.0, 0, 1.0, None).item() == 2
+
+
+def test_sliding_window_models_prefill_whole_prompts():
+    from transformers import LlamaConfig, MistralConfig
+
+    assert decoding._sliding_window(MistralConfig(sliding_window=16))
+    assert not decoding._sliding_window(LlamaConfig())

@@ -34,10 +34,13 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, kind: str = "causa
         raise SelftrainError(f"the text to score has {len(stream)} token(s); perplexity needs at least 2: give more text")
     blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
     blocks = [b for b in blocks if len(b) >= 2]
-    blocks = blocks[distributed.rank()::distributed.world_size()] if distributed.active() else blocks  # summed below
+    gen = torch.Generator().manual_seed(seed)
+    # masked LMs: the scored positions of every block, drawn before sharding so any split scores the same ones
+    masks = [torch.rand(len(b), generator=gen) < 0.15 for b in blocks] if kind == "masked" else [None] * len(blocks)
+    if distributed.active():  # each rank scores every n-th block; the sums are added up below
+        blocks, masks = blocks[distributed.rank()::distributed.world_size()], masks[distributed.rank()::distributed.world_size()]
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
     total_nll, total_entropy, total_tokens = 0.0, 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
@@ -50,7 +53,9 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, kind: str = "causa
                 ids[r, :len(b)] = torch.tensor(b)
                 attn[r, :len(b)] = 1
             if kind == "masked":
-                scored = (torch.rand(ids.shape, generator=gen) < 0.15) & attn.bool()
+                scored = torch.zeros_like(ids, dtype=torch.bool)
+                for r, m in enumerate(masks[i:i + batch_size]):
+                    scored[r, :len(m)] = m
                 inputs = ids.masked_fill(scored, tokenizer.mask_token_id)
                 logits = model(input_ids=inputs.to(model.device), attention_mask=attn.to(model.device)).logits
                 targets, logits = ids, logits.float().cpu()

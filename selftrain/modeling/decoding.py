@@ -41,12 +41,22 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     cdf = logits.softmax(-1).cumsum_(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # u in (0, total]: never 0, which would pick index 0 even where its probability is 0
+    u = (1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    # a PEFT wrapper's forward takes **kwargs and hands them to the base model's
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _sliding_window(config) -> bool:
+    """Sliding-window layers count the cache's slots, not positions: the gap of padding between a
+    shared prefix and the suffixes would shift their window, so such models prefill whole prompts."""
+    return bool(getattr(config, "sliding_window", None)) or any(
+        "sliding" in str(t) for t in (getattr(config, "layer_types", None) or []))
 
 
 MIN_SHARED_PREFIX = 4  # tokens; below this a separate prefix pass costs more than it saves
@@ -70,6 +80,8 @@ def prefill(model, prompts: list[list[int]], pad_id: int):
     unique = list(dict.fromkeys(tuple(p) for p in prompts))
     slot = {p: i for i, p in enumerate(unique)}
     shared = min(_common_prefix(unique), min(len(p) for p in unique) - 1)  # every row keeps a token to predict from
+    if _sliding_window(model.config):
+        shared = 0
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     cache = DynamicCache(config=model.config)
     if shared >= MIN_SHARED_PREFIX:

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from transformers import TrainerCallback
 
+from selftrain import distributed
 from selftrain.data.pool import make_examples
 from selftrain.errors import SelftrainError
 from selftrain.evaluation.diversity import distinct_n, self_bleu, words
@@ -116,6 +117,9 @@ class AdversarialStage(Stage):
     requires_causal = True  # the generator samples text
 
     def preflight(self, config, *, model, tokenizer, kind, train_texts):
+        if distributed.world_size() > 1:  # each rank would train its own discriminator on its own fakes
+            raise SelftrainError("the adversarial stage runs in one process; run this config without torchrun / "
+                                 "accelerate launch, or leave the stage out of the multi-process run")
         d = config.discriminator.kind
         if d not in KINDS and not (Path(d) / "config.json").is_file():
             raise SelftrainError(f"adversarial.discriminator.kind {d!r}: not {', '.join(KINDS)} or a model directory "

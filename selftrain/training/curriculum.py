@@ -14,7 +14,6 @@ draws what the uninterrupted run drew.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from selftrain import distributed
 from selftrain.data.pacing import (
     PacedSampler,
     PacingOptions,
@@ -163,8 +163,9 @@ def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | 
             pacing = pacing.model_copy(update={"pacing": "none"})
         log({"stage": stage_key, "phase": "curriculum", "warning": fallback})
     out_dir = Path(out_dir)
-    start_step, history, trace = resumed_state(out_dir)  # a killed attempt: go on with its ranking
-    per_step = opts.batch_size * opts.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    # a killed attempt: go on with its ranking (rank 0's: the other ranks keep no checkpoints)
+    start_step, history, trace = distributed.broadcast(resumed_state(out_dir))
+    per_step = opts.batch_size * opts.grad_accum  # batch_size is the global batch, split over the ranks
     sampler = PacedSampler(values, pacing, total_steps=opts.max_steps, per_step=per_step, seed=seed, history=history)
     collator = None
     if pacing.length_warmup is not None:

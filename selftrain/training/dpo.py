@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 
+from selftrain import distributed
 from selftrain.training.adapters import LoraOptions, lora_config, merge
 from selftrain.training.arguments import SCHEDULES, build_arguments
 from selftrain.training.callbacks import StepRecorder
@@ -43,10 +44,12 @@ def dpo_train(model, tokenizer, pairs: list[dict], opts: DPOOptions, *, out_dir:
     order = check_order(order, len(pairs))
     device = model.device.type
     precision = resolve_precision(opts.precision, device)
+    n = distributed.world_size()
     args = build_arguments(
         DPOConfig, output_dir=out_dir, seed=seed, precision=precision, device=device, report_to=report_to,
         max_steps=opts.max_steps, learning_rate=opts.learning_rate,
-        per_device_train_batch_size=min(opts.batch_size, len(pairs)), beta=opts.beta,
+        # a batch the ranks can split: the pair count comes from the model's own samples
+        per_device_train_batch_size=max(n, min(opts.batch_size, len(pairs)) // n * n), beta=opts.beta,
         lr_scheduler_type=SCHEDULES[opts.lr_scheduler], warmup_steps=opts.warmup_steps, logging_steps=1,
         save_strategy="no", max_length=opts.max_length or getattr(model.config, "max_position_embeddings", 1024),
     )

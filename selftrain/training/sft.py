@@ -3,7 +3,6 @@ the completion only. The ``fewshot`` (pseudo-labels) and ``self_instruct`` stage
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -141,6 +140,6 @@ def completion_curriculum(model, tokenizer, prompts: list[str], completions: lis
     difficulty = completion_difficulty(model, tokenizer, prompts, completions, opts)
     if is_constant(difficulty) and not opts.pacing.rescore_every:
         return None, {"sft_pacing": "none (every pair scored the same)"}
-    per_step = opts.batch_size * opts.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = opts.batch_size * opts.grad_accum  # batch_size is the global batch, split over the ranks
     sampler = PacedSampler(difficulty, opts.pacing, total_steps=opts.max_steps, per_step=per_step, seed=seed)
     return sampler, {"sft_pacing": opts.pacing.pacing, "sft_difficulty_mean": sum(difficulty) / len(difficulty)}
