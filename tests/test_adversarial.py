@@ -156,7 +156,7 @@ def test_under_the_game_the_generators_discriminator_score_rises(micro, tmp_path
     """With the discriminator frozen after pre-training (updates 0), the same judge scores the
     generator before and after: the trained generator's samples look more real to it."""
     state = direct_state(tmp_path, micro[0])
-    config = AdversarialConfig(**{**SMALL, "rounds": 2, "steps_per_round": 12, "learning_rate": 1e-2, "beta": 0.0,
+    config = AdversarialConfig(**{**SMALL, "rounds": 2, "steps_per_round": 16, "learning_rate": 1e-2, "beta": 0.0,
                                   "synthesize": 0, "discriminator": {**DISC, "updates": 0, "weaken_above": 1.0}})
     torch.manual_seed(0)
     result = AdversarialStage().run(state, config)
@@ -166,7 +166,7 @@ def test_under_the_game_the_generators_discriminator_score_rises(micro, tmp_path
     # 1,024 samples each: the effect is a few hundredths of probability, 128 samples are too noisy
     before = np.mean([disc.p_real(env.sample(micro[1], 512, seed=s)[0]).mean() for s in (1, 2)])
     after = np.mean([disc.p_real(env.sample(trained, 512, seed=s)[0]).mean() for s in (1, 2)])
-    assert after > 1.25 * before, (before, after)  # measured: 0.0275 -> 0.0394
+    assert after > 1.25 * before, (before, after)  # measured: 0.094 -> 0.264
     assert result.metrics["rewards/discriminator/mean/last"] > result.metrics["rewards/discriminator/mean/first"]
     assert len(result.metrics["rounds"]) == 3 and result.metrics["returned_round"] == 2
 
