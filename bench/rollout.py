@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from adapters import cpu_flags  # bench/ is on the path when run as a script
 
 from selftrain.config import ModelConfig
 from selftrain.data.sources import python_docstrings
@@ -39,14 +40,6 @@ from selftrain.tasks.families import Arithmetic
 from selftrain.training.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parent
-
-
-def cpu_flags() -> list[str]:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"})
 
 
 def workloads(tok, docs: list[str], batches: int) -> dict[str, tuple[list[str], SamplingParams, int]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -107,8 +108,6 @@ def machine() -> str:
         model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)
     except (OSError, AttributeError):
         flags, model = set(), platform.processor()
-    import os
-
     simd = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
     return f"{model}, {os.cpu_count()} cores, {simd}"
 

@@ -1,8 +1,8 @@
 """Many processes: ``torchrun --nproc_per_node=N -m selftrain run CONFIG`` (or ``accelerate
 launch``) starts N copies of the run, one per device.
 
-Every process runs every stage (the trainers need all of them: DDP, FSDP or DeepSpeed, set up by
-accelerate inside ``transformers.Trainer``), but only rank 0 writes the run: manifest, metrics,
+Every process runs every stage (the trainers need all of them: DDP, set up by accelerate inside
+``transformers.Trainer``; FSDP and DeepSpeed are refused for now), but only rank 0 writes the run: manifest, metrics,
 pool, annotations, report, final model. The other ranks keep their stage outputs in a scratch
 directory of their own (``.ranks/<rank>/``) and read rank 0's files after a barrier. Held-out
 scoring is sharded over the ranks and summed; generation a stage asks for with ``sharded``
@@ -139,8 +139,10 @@ def save_once(path: Path, save: Callable[[], object]) -> Path:
     target = main_path(path)
     if not is_main() and target != path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink() or path.exists():
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.is_symlink() or path.exists():
+            path.unlink()
         path.symlink_to(target.resolve(), target_is_directory=True)
     return path
 

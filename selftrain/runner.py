@@ -135,9 +135,7 @@ class Runner:
                 shutil.rmtree(self.ws.scratch_dir, ignore_errors=True)
             manifest = self._stages(manifest)
             distributed.on_main(lambda: self._finish(manifest))
-            if not distributed.is_main():
-                shutil.rmtree(self.ws.scratch_dir, ignore_errors=True)
-            distributed.barrier()
+            distributed.barrier()  # every rank is done with its scratch before rank 0 removes them all
             if distributed.is_main():
                 shutil.rmtree(self.ws.root / ".ranks", ignore_errors=True)
         return manifest
