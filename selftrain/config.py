@@ -118,6 +118,8 @@ class TaskEval(Section):
 
 class EvalConfig(Section):
     max_tokens: int = Field(32768, ge=2, description="Held-out tokens scored for perplexity.")
+    max_documents: int = Field(20000, ge=1, description="Held-out documents read for evaluation (an evenly "
+                               "spaced subset of a larger held-out side, which stays whole on disk).")
     block_size: int | None = Field(
         None, ge=2, description="Scoring window; default min(model context, 256)."
     )
@@ -159,7 +161,8 @@ class RunConfig(Section):
     def fingerprint(self) -> str:
         """Hash of the whole config as manifests before version 2 stored it (see run_fingerprints):
         the sections of that version only, so their runs still resume."""
-        return _hash(self.model_dump(mode="json", exclude={"sandbox": True, "run": {"report_to"}}))
+        return _hash(self.model_dump(mode="json", exclude={"sandbox": True, "run": {"report_to"},
+                                                          "eval": {"max_documents"}}))
 
     def run_fingerprints(self) -> dict[str, str]:
         """One hash per run-level section: what shapes every finished stage's results (model, data,

@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from rich.console import Console
 
 from selftrain import distributed
 from selftrain.config import GuardConfig, RunConfig
+from selftrain.data.arrowfile import text_batches
 from selftrain.data.pool import Pool, plain_annotations, prepare_corpus
 from selftrain.errors import SelftrainError
 from selftrain.evaluation import LOWER_IS_BETTER, evaluate
@@ -146,14 +148,24 @@ class Runner:
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> dict:
+        corpus_dir = self.ws.data_dir / ".corpus.tmp"  # the streamed documents, until the pool is saved
+        try:
+            return self._set_up(corpus_dir)
+        finally:  # bad input leaves nothing behind
+            shutil.rmtree(corpus_dir, ignore_errors=True)
+            if self.ws.data_dir.is_dir() and not any(self.ws.data_dir.iterdir()):
+                self.ws.data_dir.rmdir()
+
+    def _set_up(self, corpus_dir: Path) -> dict:
         cfg, con = self.cfg, self.console
         con.print(f"[bold]loading data[/] {cfg.data.train}")
-        train, heldout, stats = prepare_corpus(cfg.data, cfg.run.seed)
+        train, heldout, stats = prepare_corpus(cfg.data, cfg.run.seed, work_dir=corpus_dir)
         con.print(f"  {stats['train_documents']} train / {stats['heldout_documents']} held-out documents "
                   f"({stats['train_chars'] / 1e6:.2f} MB train)")
         con.print(f"[bold]building model[/] {cfg.model.preset or cfg.model.pretrained}")
-        train_texts, heldout_texts = list(train["text"]), list(heldout["text"])
-        model, tokenizer, kind = build_initial(cfg.model, train_texts, cfg.run.seed)
+        # lazy views of the memory-mapped corpus: a corpus larger than memory is never a list
+        train_texts, heldout_texts = train["text"], Pool(heldout).spread_texts(cfg.eval.max_documents)
+        model, tokenizer, kind = build_initial(cfg.model, (t for b in text_batches(train) for t in b), cfg.run.seed)
         con.print(f"  {type(model).__name__}, {count_parameters(model) / 1e6:.2f}M parameters, "
                   f"vocab {len(tokenizer)}")
         self._preflight(self.specs, model, tokenizer, kind, train_texts)  # reject bad input before writing
@@ -180,7 +192,7 @@ class Runner:
         self.ws.save_manifest(manifest)
         return manifest
 
-    def _preflight(self, specs, model, tokenizer, kind: str, train_texts: list[str]) -> None:
+    def _preflight(self, specs, model, tokenizer, kind: str, train_texts: Sequence[str]) -> None:
         report_to_value(self.cfg.run.report_to)  # a missing tracker package is refused now, not mid-run
         for spec in specs:
             stage = REGISTRY[spec.name]()
@@ -210,7 +222,7 @@ class Runner:
         if todo:
             start = entries[cut]["start_checkpoint"] if cut < len(entries) else manifest["current_checkpoint"]
             model, tokenizer = load_checkpoint(ws.abs(start), manifest["model_kind"])
-            train_texts = Pool.load(ws.data_dir / "pool").texts()
+            train_texts = Pool.load(ws.data_dir / "pool").text_view()
             self._preflight(todo, model, tokenizer, manifest["model_kind"], train_texts)
             del model
         # valid: from here on the run is changed
@@ -291,7 +303,7 @@ class Runner:
     # ------------------------------------------------------------------ the loop
     def _stages(self, manifest: dict) -> dict:
         ws = self.ws
-        heldout = Pool.load(ws.data_dir / "heldout").texts()
+        heldout = Pool.load(ws.data_dir / "heldout").spread_texts(self.cfg.eval.max_documents)
         entries = {e["key"]: e for e in manifest["stages"]}
         for key, rnd, idx, spec in self.plan():
             entry = entries.get(key)

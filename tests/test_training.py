@@ -258,8 +258,13 @@ def test_pretrain_order_sorts_texts_by_a_pool_column(tmp_path, monkeypatch):
     seen = []
     import selftrain.stages.pretrain as stage
 
-    real_pack = stage.pack_texts
-    monkeypatch.setattr(stage, "pack_texts", lambda t, *a: seen.append(list(t)) or real_pack(t, *a))
+    real_pack = stage.pack_batches
+
+    def packed(batches, *a, **k):
+        seen.append([t for batch in batches for t in batch])
+        return real_pack([seen[-1]], *a, **k)
+
+    monkeypatch.setattr(stage, "pack_batches", packed)
     config = PretrainConfig(max_steps=1, block_size=32, batch_size=2, save_steps=1000, precision="fp32",
                             order={"policy": "descending", "column": "difficulty"})
     result = PretrainStage().run(state, config)

@@ -66,21 +66,33 @@ def choose_k(vectors: np.ndarray, k_min: int, k_max: int, seed: int, sample: int
     return max(scores, key=lambda k: (scores[k], -k)), scores
 
 
-def lexical_vectors(texts: Sequence[str], dims: int = 100, seed: int = 0) -> np.ndarray:
+LEXICAL_FIT_TEXTS = 20000  # TF-IDF and SVD are fitted on at most this many texts (evenly spaced)
+
+
+def lexical_vectors(texts: Sequence[str], dims: int = 100, seed: int = 0,
+                    fit_texts: int = LEXICAL_FIT_TEXTS) -> np.ndarray:
     """Each text's TF-IDF vector (sublinear counts, English stop words out) reduced to ``dims`` by
     truncated SVD (latent semantic analysis), unit length: the whole text's vocabulary, where an
-    embedding sees only its first tokens."""
-    if len(texts) < 3:
-        return np.zeros((len(texts), 0), dtype=np.float32)
+    embedding sees only its first tokens. On more than ``fit_texts`` texts the vocabulary and the
+    SVD are fitted on an evenly spaced sample and every text is transformed 10,000 at a time, so a
+    large pool is never one sparse matrix."""
+    n = len(texts)
+    if n < 3:
+        return np.zeros((n, 0), dtype=np.float32)
+    sample = list(texts) if n <= fit_texts else [texts[int(i)] for i in np.linspace(0, n - 1, fit_texts).round()]
+    vectorizer = TfidfVectorizer(stop_words="english", sublinear_tf=True, max_df=0.5, min_df=2 if n >= 50 else 1)
     try:
-        tfidf = TfidfVectorizer(stop_words="english", sublinear_tf=True, max_df=0.5,
-                                min_df=2 if len(texts) >= 50 else 1).fit_transform(texts)
+        tfidf = vectorizer.fit_transform(sample)
     except ValueError:  # no term left (stop words only)
-        return np.zeros((len(texts), 0), dtype=np.float32)
+        return np.zeros((n, 0), dtype=np.float32)
     dims = min(dims, tfidf.shape[0] - 1, tfidf.shape[1] - 1)
     if dims < 1:
-        return np.zeros((len(texts), 0), dtype=np.float32)
-    reduced = TruncatedSVD(n_components=dims, random_state=seed).fit_transform(tfidf)
+        return np.zeros((n, 0), dtype=np.float32)
+    svd = TruncatedSVD(n_components=dims, random_state=seed)
+    reduced = svd.fit_transform(tfidf)
+    if n > fit_texts:
+        reduced = np.vstack([svd.transform(vectorizer.transform(list(texts[i:i + 10000])))
+                             for i in range(0, n, 10000)])
     return (reduced / np.maximum(np.linalg.norm(reduced, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -33,17 +33,17 @@ def normalise(text: str) -> str:
     return _PUNCTUATION.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
-def exact_duplicates(texts: Sequence[str]) -> dict[int, int]:
-    """Texts equal to an earlier one after ``normalise``."""
-    first: dict[bytes, int] = {}
-    found = {}
-    for i, text in enumerate(texts):
-        key = hashlib.blake2b(normalise(text).encode("utf-8"), digest_size=16).digest()
-        if key in first:
-            found[i] = first[key]
-        else:
-            first[key] = i
-    return found
+def exact_duplicates(texts: Iterable[str], *, normalised: bool = False) -> dict[int, int]:
+    """Texts equal to an earlier one after ``normalise`` (already applied when ``normalised``).
+    Read once, in order; what is kept is a 64-bit hash per text (a collision is unlikely below
+    billions of texts), so a pool larger than memory can be streamed through."""
+    norms = texts if normalised else (normalise(t) for t in texts)
+    keys = np.fromiter((int.from_bytes(hashlib.blake2b(n.encode("utf-8"), digest_size=8).digest(), "little")
+                        for n in norms), dtype=np.uint64)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    owner = first[inverse.ravel()]
+    copies = np.flatnonzero(owner != np.arange(len(keys)))
+    return dict(zip(copies.tolist(), owner[copies].tolist()))
 
 
 def shingles(text: str, unit: Literal["chars", "words"] = "chars", n: int = 5) -> set[bytes]:
@@ -58,21 +58,31 @@ def shingles(text: str, unit: Literal["chars", "words"] = "chars", n: int = 5) -
     return {" ".join(seq[i:i + n]).encode("utf-8") for i in range(len(seq) - n + 1)}
 
 
-def minhashes(texts: Sequence[str], *, num_perm: int = 128, unit: Literal["chars", "words"] = "chars",
+def minhashes(texts: Iterable[str], *, num_perm: int = 128, unit: Literal["chars", "words"] = "chars",
               n: int = 5, seed: int = 1) -> list[LeanMinHash]:
     """One MinHash signature per text (the same ``seed`` makes signatures comparable)."""
     signatures = MinHash.bulk((list(shingles(t, unit, n)) for t in texts), num_perm=num_perm, seed=seed)
     return [LeanMinHash(m) for m in signatures]
 
 
-def near_duplicates(texts: Sequence[str], *, threshold: float = 0.7, num_perm: int = 128,
+def near_duplicates(texts: Iterable[str], *, threshold: float = 0.7, num_perm: int = 128,
                     unit: Literal["chars", "words"] = "chars", n: int = 5, skip: set[int] | None = None,
                     seed: int = 1) -> dict[int, int]:
     """Texts whose estimated shingle Jaccard similarity with an earlier kept text reaches
-    ``threshold``. Positions in ``skip`` (already known duplicates) are neither tested nor kept."""
+    ``threshold``. Positions in ``skip`` (already known duplicates) are neither tested nor kept.
+    The texts are read once, in order; the signatures (``num_perm`` x 8 bytes a text) and the LSH
+    index stay in memory."""
     skip = skip or set()
-    todo = [i for i in range(len(texts)) if i not in skip]
-    sigs = dict(zip(todo, minhashes([texts[i] for i in todo], num_perm=num_perm, unit=unit, n=n, seed=seed)))
+    todo: list[int] = []
+
+    def tested():
+        for i, text in enumerate(texts):
+            if i not in skip:
+                todo.append(i)
+                yield text
+
+    signatures = minhashes(tested(), num_perm=num_perm, unit=unit, n=n, seed=seed)  # fills todo
+    sigs = dict(zip(todo, signatures))
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     found = {}
     for i in todo:

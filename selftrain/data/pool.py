@@ -18,14 +18,21 @@ import json
 import math
 import random
 import re
+import shutil
+from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 from pyarrow.lib import ArrowException
+from tqdm.auto import tqdm
 
 from selftrain.config import DataConfig
-from selftrain.data.sources import load_documents
+from selftrain.data.arrowfile import batches_of, open_arrow, write_arrow
+from selftrain.data.sources import iter_documents
 from selftrain.errors import SelftrainError
 from selftrain.workspace import recover_dir, replace_dir
 
@@ -65,58 +72,123 @@ def to_dataset(examples: list[dict]) -> datasets.Dataset:
     return datasets.Dataset.from_list(examples, features=FEATURES)
 
 
-def prepare_corpus(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, dict]:
+def prepare_corpus(cfg: DataConfig, seed: int, work_dir: Path | None = None
+                   ) -> tuple[datasets.Dataset, datasets.Dataset, dict]:
     """Load sources, clean, de-duplicate, and split into (train pool, held-out) deterministically.
 
+    Streaming, for corpora larger than memory: documents are written to Arrow files under
+    ``work_dir`` as they are read, duplicates and the split are decided on 64-bit hashes held in
+    numpy arrays (16 bytes a document), and the two sides are written out row batch by row batch
+    and returned memory-mapped. Without ``work_dir`` (tests, small corpora) they are read into
+    memory and nothing stays on disk.
+
     The split is by a seeded hash of each document, so it does not depend on load order, and
-    exact duplicates are removed first so no text sits on both sides of the split.
+    exact duplicates are removed first (the first copy is kept) so no text sits on both sides.
     """
-    kw = dict(text_column=cfg.text_column, hf_split=cfg.hf_split, paragraphs=cfg.paragraphs)
-    raw = load_documents(cfg.train, **kw)
-    train_texts, stats = _clean([t for _, t in raw], cfg.min_chars, cfg.max_documents, seed)
-    if cfg.heldout is not None:
-        heldout_texts, _ = _clean([t for _, t in load_documents(cfg.heldout, **kw)], cfg.min_chars, None, seed)
-        heldout_set = set(heldout_texts)
-        train_texts = [t for t in train_texts if t not in heldout_set]
-    else:
-        if len(train_texts) < 2:
-            raise SelftrainError(
-                f"the corpus has {len(train_texts)} usable document(s) (min_chars={cfg.min_chars}); "
-                "at least 2 are needed to hold one out. Add text, or set data.heldout."
-            )
-        ranked = sorted(train_texts, key=lambda t: example_id(t, f"split-{seed}"))
-        n_held = max(1, round(cfg.heldout_fraction * len(ranked)))
-        heldout_set = set(ranked[:n_held])
-        heldout_texts = [t for t in train_texts if t in heldout_set]
-        train_texts = [t for t in train_texts if t not in heldout_set]
-    if not train_texts or not heldout_texts:
-        raise SelftrainError("after the held-out split, the train or held-out side is empty; add text")
-    stats.update(train_documents=len(train_texts), heldout_documents=len(heldout_texts),
-                 train_chars=sum(map(len, train_texts)), heldout_chars=sum(map(len, heldout_texts)))
-    train = to_dataset(make_examples(train_texts, origin="real", op="original", stage="data", round=0))
-    heldout = to_dataset(make_examples(heldout_texts, origin="heldout", op="original", stage="data", round=0))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() if work_dir is None else _made(work_dir) as folder:
+        folder = Path(folder)
+        kw = dict(text_column=cfg.text_column, hf_split=cfg.hf_split, paragraphs=cfg.paragraphs)
+        docs, loaded = _write_documents(iter_documents(cfg.train, **kw), cfg.min_chars, seed, folder / "train-docs.arrow")
+        if loaded == 0:
+            raise SelftrainError("the corpus is empty: no documents were found in data.train")
+        keys = _column(docs, "key")
+        kept = _first_copies(keys)
+        if len(kept) == 0:
+            raise SelftrainError(f"the corpus has no document of at least {cfg.min_chars} characters "
+                                 "(data.min_chars); is the file empty?")
+        stats = {"documents_loaded": loaded, "documents_kept": len(kept), "dropped_short_or_duplicate": loaded - len(kept)}
+        if cfg.max_documents and len(kept) > cfg.max_documents:
+            picked = np.random.default_rng(seed).choice(len(kept), cfg.max_documents, replace=False)
+            kept = kept[np.sort(picked)]
+            stats["documents_kept"] = len(kept)
+        if cfg.heldout is not None:
+            held_docs, _ = _write_documents(iter_documents(cfg.heldout, **kw), cfg.min_chars, seed,
+                                            folder / "heldout-docs.arrow")
+            held_keys = _column(held_docs, "key")
+            held_rows = _first_copies(held_keys)
+            train_rows = kept[~np.isin(keys[kept], held_keys[held_rows])]
+            held_source = held_docs
+        else:
+            if len(kept) < 2:
+                raise SelftrainError(
+                    f"the corpus has {len(kept)} usable document(s) (min_chars={cfg.min_chars}); "
+                    "at least 2 are needed to hold one out. Add text, or set data.heldout."
+                )
+            n_held = max(1, round(cfg.heldout_fraction * len(kept)))
+            ranks = _column(docs, "split_key")[kept]
+            lowest = np.argpartition(ranks, n_held - 1)[:n_held] if n_held < len(kept) else np.arange(len(kept))
+            is_held = np.zeros(len(kept), dtype=bool)
+            is_held[lowest] = True
+            held_rows, train_rows, held_source = kept[is_held], kept[~is_held], docs
+        if len(train_rows) == 0 or len(held_rows) == 0:
+            raise SelftrainError("after the held-out split, the train or held-out side is empty; add text")
+        in_memory = work_dir is None
+        train, train_chars = _write_side(docs, train_rows, "real", folder / "train.arrow", in_memory)
+        heldout, held_chars = _write_side(held_source, held_rows, "heldout", folder / "heldout.arrow", in_memory)
+    stats.update(train_documents=len(train), heldout_documents=len(heldout), train_chars=train_chars,
+                 heldout_chars=held_chars)
     return train, heldout, stats
 
 
-def _clean(texts: list[str], min_chars: int, max_documents: int | None, seed: int):
-    total = len(texts)
-    if total == 0:
-        raise SelftrainError("the corpus is empty: no documents were found in data.train")
-    seen, out = set(), []
-    for t in texts:
-        t = t.strip()
-        if len(t) >= min_chars and t not in seen:
-            seen.add(t)
-            out.append(t)
-    if not out:
-        raise SelftrainError(
-            f"the corpus has no document of at least {min_chars} characters (data.min_chars); "
-            "is the file empty?"
-        )
-    dropped = total - len(out)
-    if max_documents and len(out) > max_documents:
-        out = random.Random(seed).sample(out, max_documents)
-    return out, {"documents_loaded": total, "documents_kept": len(out), "dropped_short_or_duplicate": dropped}
+DOCUMENT_FEATURES = datasets.Features({"text": datasets.Value("string"), "key": datasets.Value("uint64"),
+                                       "split_key": datasets.Value("uint64")})
+
+
+def _hash64(text: str, salt: str) -> int:
+    """The first 8 bytes of the sha1 ``example_id`` uses, as an integer (so it sorts as the ids do)."""
+    return int.from_bytes(hashlib.sha1((salt + "\x00" + text).encode("utf-8")).digest()[:8], "big")
+
+
+def _write_documents(documents, min_chars: int, seed: int, path: Path) -> tuple[datasets.Dataset, int]:
+    """Write every stripped document of at least ``min_chars`` with its duplicate key and split key;
+    return (the memory-mapped documents, how many were read in all)."""
+    loaded = 0
+
+    def rows():
+        nonlocal loaded
+        for _, text in tqdm(documents, desc="reading", unit=" docs", leave=False, mininterval=2):
+            loaded += 1
+            text = text.strip()
+            if len(text) >= min_chars:
+                yield {"text": text, "key": _hash64(text, "dedup"), "split_key": _hash64(text, f"split-{seed}")}
+
+    write_arrow(path, DOCUMENT_FEATURES, batches_of(rows()))
+    return open_arrow(path), loaded
+
+
+def _column(ds: datasets.Dataset, name: str) -> np.ndarray:
+    return ds.data.column(name).to_numpy()
+
+
+def _first_copies(keys: np.ndarray) -> np.ndarray:
+    """Positions of the first document of each distinct key, in corpus order."""
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(first)
+
+
+def _write_side(docs: datasets.Dataset, rows: np.ndarray, origin: str, path: Path, in_memory: bool):
+    """The pool rows (with provenance) of ``docs[rows]``; returns (dataset, characters)."""
+    chars = 0
+
+    def batches():
+        nonlocal chars
+        for i in range(0, len(rows), 1000):
+            texts = docs.select_columns(["text"])[rows[i:i + 1000].tolist()]["text"]
+            chars += sum(map(len, texts))
+            yield from batches_of(make_examples(texts, origin=origin, op="original", stage="data", round=0))
+
+    write_arrow(path, FEATURES, batches())
+    return open_arrow(path, in_memory=in_memory), chars
+
+
+@contextmanager
+def _made(folder: Path):
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)  # left by a set-up that was killed
+    folder.mkdir(parents=True)
+    yield folder
 
 
 def plain_annotations(annotations: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -140,13 +212,34 @@ class Pool:
             return list(self.ds["text"])
         return [t for t, o in zip(self.ds["text"], self.ds["origin"]) if o == origin]
 
+    def spread_texts(self, n: int) -> list[str]:
+        """At most ``n`` texts, evenly spaced over the pool, in pool order: the whole of a small pool."""
+        if len(self) <= n:
+            return self.texts()
+        return self.ds.select_columns(["text"])[np.linspace(0, len(self) - 1, n).round().astype(int).tolist()]["text"]
+
     def rows(self, origin: str | None = None) -> list[dict]:
         """Rows as dicts with ``meta`` decoded."""
-        return [{**r, "meta": json.loads(r["meta"] or "{}")} for r in self.ds
-                if origin is None or r["origin"] == origin]
+        return list(self.iter_rows(origin))
+
+    def iter_rows(self, origin: str | None = None, batch_size: int = 1000):
+        """``rows`` one at a time, read from the (memory-mapped) dataset in batches."""
+        for batch in self.ds.iter(batch_size=batch_size):
+            for values in zip(*batch.values()):
+                r = dict(zip(batch.keys(), values))
+                if origin is None or r["origin"] == origin:
+                    yield {**r, "meta": json.loads(r["meta"] or "{}")}
+
+    def text_view(self, origin: str | None = None) -> Sequence[str]:
+        """The texts (of one origin) as a lazy sequence: index, slice, sample or iterate it; it is
+        read from the memory-mapped pool as needed, never copied whole."""
+        if origin is None:
+            return self.ds["text"]
+        origins = self.ds.with_format("arrow")["origin"]
+        return self.ds.select(np.flatnonzero(pc.equal(origins, origin).to_numpy(zero_copy_only=False)))["text"]
 
     def n_synthetic(self) -> int:
-        return sum(1 for o in self.ds["origin"] if o != "real")
+        return int(pc.sum(pc.not_equal(self.ds.with_format("arrow")["origin"], "real")).as_py() or 0)
 
     def add(self, examples: list[dict], *, max_synthetic_fraction: float, seed: int) -> tuple[Pool, int, int]:
         """Return (new pool, added, dropped). Synthetic rows beyond the cap are dropped by a seeded draw."""
@@ -190,7 +283,8 @@ class Pool:
         marked rows stay in the pool file, so a restart or a reader of the pool still has them)."""
         if "duplicate_of" not in self.ds.column_names:
             return self
-        keep = [i for i, d in enumerate(self.ds["duplicate_of"]) if d is None]
+        marked = self.ds.with_format("arrow")["duplicate_of"]
+        keep = np.flatnonzero(pc.is_null(marked).to_numpy(zero_copy_only=False))
         return self if len(keep) == len(self.ds) else Pool(self.ds.select(keep))
 
     def check_annotations(self, annotations: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -221,5 +315,6 @@ class Pool:
     @classmethod
     def load(cls, path: Path) -> Pool:
         recover_dir(Path(path))
-        # keep_in_memory: the file may be replaced by the next save while we still read it
-        return cls(datasets.load_from_disk(str(path), keep_in_memory=True))
+        # memory-mapped: a pool may be larger than memory. The next save replaces the folder by a
+        # rename, and on Linux a mapped file stays readable after it is unlinked.
+        return cls(datasets.load_from_disk(str(path)))

@@ -5,14 +5,20 @@
 - ``hf:<dataset id>[:<config name>]``: ``datasets.load_dataset`` (needs the hub, or its cache);
 - ``builtin:pydocs``: docstrings of the installed Python standard library (~1.5 MB of English).
 
-Every loader returns a list of document strings; bad input raises SelftrainError naming the file.
+Documents are streamed: text files are read a megabyte at a time and cut into paragraphs as
+they arrive, tables and Hugging Face datasets are read from their memory-mapped Arrow cache in
+batches, so a corpus larger than memory passes through in bounded memory. A document longer than
+``MAX_DOCUMENT_CHARS`` (one enormous line, say) is cut at whitespace into pieces of at most that
+size. Bad input raises SelftrainError naming the file.
 """
 
 from __future__ import annotations
 
 import ast
+import codecs
 import re
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 from selftrain.errors import SelftrainError
@@ -20,6 +26,9 @@ from selftrain.errors import SelftrainError
 TEXT_SUFFIXES = {".txt", ".md"}
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTINS = ("pydocs",)
+MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are cut: no model reads that much context at once
+READ_BYTES = 1 << 20
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
 def load_documents(
@@ -29,22 +38,32 @@ def load_documents(
     hf_split: str = "train",
     paragraphs: bool = True,
 ) -> list[tuple[str, str]]:
-    """Return ``(source, text)`` pairs from every spec, in a deterministic order."""
+    """Return ``(source, text)`` pairs from every spec, in a deterministic order (small inputs:
+    ``iter_documents`` streams)."""
+    return list(iter_documents(specs, text_column=text_column, hf_split=hf_split, paragraphs=paragraphs))
+
+
+def iter_documents(
+    specs: str | list[str],
+    *,
+    text_column: str = "text",
+    hf_split: str = "train",
+    paragraphs: bool = True,
+) -> Iterator[tuple[str, str]]:
+    """Yield ``(source, text)`` from every spec, in a deterministic order, in bounded memory."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise SelftrainError("data.train names no source")
-    docs: list[tuple[str, str]] = []
     for spec in specs:
         if spec.startswith("builtin:"):
             name = spec.split(":", 1)[1]
             if name != "pydocs":
                 raise SelftrainError(f"unknown builtin data {spec!r}; available: builtin:pydocs")
-            docs += [(spec, d) for d in python_docstrings()]
+            yield from ((spec, d) for d in python_docstrings())
         elif spec.startswith("hf:"):
-            docs += [(spec, t) for t in _load_hf(spec[3:], text_column, hf_split)]
+            yield from ((spec, t) for t in _load_hf(spec[3:], text_column, hf_split))
         else:
-            docs += _load_path(Path(spec), text_column, paragraphs)
-    return docs
+            yield from _load_path(Path(spec), text_column, paragraphs)
 
 
 def python_docstrings() -> list[str]:
@@ -69,7 +88,7 @@ def python_docstrings() -> list[str]:
     return out
 
 
-def _load_path(path: Path, text_column: str, paragraphs: bool) -> list[tuple[str, str]]:
+def _load_path(path: Path, text_column: str, paragraphs: bool) -> Iterator[tuple[str, str]]:
     if not path.exists():
         hint = " (for a Hugging Face dataset write hf:<id>)" if "/" in str(path) else ""
         raise SelftrainError(f"data path not found: {path}{hint}")
@@ -83,34 +102,78 @@ def _load_path(path: Path, text_column: str, paragraphs: bool) -> list[tuple[str
             )
     else:
         files = [path]
-    docs = []
     for f in files:
         suffix = f.suffix.lower()
         if suffix in TABLE_SUFFIXES:
-            docs += [(str(f), t) for t in _load_table(f, TABLE_SUFFIXES[suffix], text_column)]
+            yield from ((str(f), t) for t in _load_table(f, TABLE_SUFFIXES[suffix], text_column))
         else:
-            text = read_text_file(f)
-            parts = split_paragraphs(text) if paragraphs else [text]
-            docs += [(str(f), p) for p in parts]
-    return docs
+            yield from ((str(f), t) for t in iter_text_file(f, paragraphs))
 
 
-def read_text_file(path: Path) -> str:
-    """UTF-8 text or a clear error: binary content (NUL bytes) and other encodings are refused."""
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise SelftrainError(f"{path} looks binary (contains NUL bytes); give a UTF-8 text file")
+def iter_text_file(path: Path, paragraphs: bool = True) -> Iterator[str]:
+    """The file's paragraphs (blank-line separated, stripped; or the whole file), read a megabyte at
+    a time; a piece longer than MAX_DOCUMENT_CHARS is cut at whitespace."""
+    buffer, scan_from = "", 0
+    for chunk in _decoded_chunks(Path(path)):
+        buffer += chunk
+        if paragraphs:
+            start = 0
+            for m in _PARAGRAPH_BREAK.finditer(buffer, scan_from):
+                if buffer[start:m.start()].strip():
+                    yield from _cut(buffer[start:m.start()].strip())
+                start = m.end()
+            buffer = buffer[start:]
+            # a break can only begin in the trailing whitespace of what is left
+            scan_from = len(buffer.rstrip())
+        while len(buffer) > MAX_DOCUMENT_CHARS:
+            piece, buffer = _split_at_space(buffer)
+            scan_from = max(0, scan_from - len(piece))
+            if piece.strip():
+                yield piece.strip() if paragraphs else piece
+    if buffer.strip():
+        yield buffer.strip() if paragraphs else buffer
+
+
+def _decoded_chunks(path: Path) -> Iterator[str]:
+    """UTF-8 text in pieces, or a clear error: binary content (NUL bytes) and other encodings are refused."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SelftrainError(f"{path} is not UTF-8 text (byte {e.start}): convert it or remove it") from None
+        with open(path, "rb") as f:
+            while chunk := f.read(READ_BYTES):
+                if offset == 0 and b"\x00" in chunk[:65536]:
+                    raise SelftrainError(f"{path} looks binary (contains NUL bytes); give a UTF-8 text file")
+                try:
+                    text = decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise SelftrainError(f"{path} is not UTF-8 text (byte {offset + e.start}): convert it or "
+                                         "remove it") from None
+                offset += len(chunk)
+                yield text
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise SelftrainError(f"{path} is not UTF-8 text (it ends inside a character): convert it or "
+                                     "remove it") from None
+    except OSError as e:
+        raise SelftrainError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def split_paragraphs(text: str) -> list[str]:
-    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+def _split_at_space(text: str) -> tuple[str, str]:
+    """(head of at most MAX_DOCUMENT_CHARS, rest), cut after the last whitespace in the head if any."""
+    cut = max(text.rfind(" ", 0, MAX_DOCUMENT_CHARS), text.rfind("\n", 0, MAX_DOCUMENT_CHARS)) + 1
+    cut = cut if cut > MAX_DOCUMENT_CHARS // 2 else MAX_DOCUMENT_CHARS
+    return text[:cut], text[cut:]
 
 
-def _load_table(path: Path, builder: str, text_column: str) -> list[str]:
+def _cut(text: str) -> Iterator[str]:
+    while len(text) > MAX_DOCUMENT_CHARS:
+        piece, text = _split_at_space(text)
+        yield piece.strip()
+    yield text
+
+
+def _load_table(path: Path, builder: str, text_column: str) -> Iterator[str]:
     import datasets
 
     try:
@@ -120,7 +183,7 @@ def _load_table(path: Path, builder: str, text_column: str) -> list[str]:
     return _text_column(ds, text_column, str(path))
 
 
-def _load_hf(spec: str, text_column: str, split: str) -> list[str]:
+def _load_hf(spec: str, text_column: str, split: str) -> Iterator[str]:
     import datasets
 
     name, _, subset = spec.partition(":")
@@ -134,10 +197,14 @@ def _load_hf(spec: str, text_column: str, split: str) -> list[str]:
     return _text_column(ds, text_column, f"hf:{spec}")
 
 
-def _text_column(ds, column: str, where: str) -> list[str]:
+def _text_column(ds, column: str, where: str) -> Iterator[str]:
+    """The string values of ``column``, read from the (memory-mapped) dataset in batches."""
     if column not in ds.column_names:
         raise SelftrainError(
             f"{where} has no column {column!r}; its columns: {', '.join(ds.column_names)} "
             "(set data.text_column)"
         )
-    return [t for t in ds[column] if isinstance(t, str)]
+    for batch in ds.select_columns([column]).iter(batch_size=1000):
+        for t in batch[column]:
+            if isinstance(t, str):
+                yield from _cut(t)

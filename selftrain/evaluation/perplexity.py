@@ -19,11 +19,12 @@ from selftrain.errors import SelftrainError
 def _stream(texts: list[str], tokenizer, max_tokens: int) -> list[int]:
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     out: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        out += ids + ([sep] if sep is not None else [])
-        if len(out) >= max_tokens:
-            break
-    return out[:max_tokens]
+    for i in range(0, len(texts), 256):  # tokenise only as much as is scored
+        for ids in tokenizer(list(texts[i:i + 256]), add_special_tokens=False)["input_ids"]:
+            out += ids + ([sep] if sep is not None else [])
+            if len(out) >= max_tokens:
+                return out[:max_tokens]
+    return out
 
 
 @torch.no_grad()

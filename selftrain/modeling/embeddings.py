@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import weakref
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -86,10 +88,23 @@ def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
+_LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def longest_token(tokenizer) -> int:
+    """Characters in the tokenizer's longest vocabulary string (computed once per tokenizer)."""
+    if tokenizer not in _LONGEST:
+        _LONGEST[tokenizer] = max(map(len, tokenizer.get_vocab()), default=1)
+    return _LONGEST[tokenizer]
+
+
 def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Each text's ids with the tokenizer's special tokens, cut to ``max_length``; an empty text
     becomes the tokenizer's bare special tokens (or its first vocabulary id), never zero tokens."""
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    # tokenising a long text to keep only its first tokens wastes most of the time: cut it first,
+    # past where those tokens can end (no token covers more characters than its vocabulary string)
+    chars = max_length * longest_token(tokenizer) + 256
+    ids = tokenizer([t[:chars] for t in texts], truncation=True, max_length=max_length)["input_ids"]
     fallback = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
     return [row if row else fallback for row in ids]
 
@@ -137,6 +152,37 @@ def embed_texts(model, tokenizer, texts: list[str], *, max_length: int = 128, ma
     max_length = min(max_length, context) if context else max_length
     return embed_ids(model, token_ids(tokenizer, texts, max_length), max_tokens=max_tokens,
                      precision=precision, progress=progress)
+
+
+def embed_stream(model, tokenizer, text_batches: Iterable[list[str]], count: int, path: Path | None = None, *,
+                 max_length: int = 128, max_tokens: int = 8192, precision: str = "fp32",
+                 desc: str = "embedding") -> np.ndarray:
+    """``embed_texts`` over ``count`` texts that arrive in batches, written as they are made into a
+    float32 ``.npy`` at ``path`` and returned memory-mapped: the embeddings of a pool larger than
+    memory. Without ``path`` they are returned in memory. Texts are sorted by length within each
+    batch only, so give batches of a few thousand texts."""
+    out = None
+    done = 0
+    with tqdm(total=count, desc=desc, unit=" texts", leave=False) as bar:
+        for texts in text_batches:
+            vectors = embed_texts(model, tokenizer, list(texts), max_length=max_length, max_tokens=max_tokens,
+                                  precision=precision)
+            if out is None:  # sized by the first batch: the body's output width
+                shape = (count, vectors.shape[1])
+                out = np.zeros(shape, np.float32) if path is None else np.lib.format.open_memmap(
+                    path, mode="w+", dtype=np.float32, shape=shape)
+            out[done:done + len(vectors)] = vectors
+            done += len(vectors)
+            bar.update(len(vectors))
+    if done != count:
+        raise ValueError(f"embed_stream was promised {count} texts and got {done}")
+    if out is None:
+        return np.zeros((0, model.config.hidden_size), dtype=np.float32)
+    if path is None:
+        return out
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
 
 
 _WORD = re.compile(r"[a-z]{3,}")

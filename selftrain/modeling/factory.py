@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -45,8 +46,13 @@ MASKED_SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", 
                        mask_token="[MASK]")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, kind: str = "causal") -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the corpus: any byte sequence encodes, no unknown tokens."""
+TOKENIZER_SAMPLE_CHARS = 100_000_000  # a new tokenizer learns from the first 100 MB of text
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: str = "causal") -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the corpus (its first TOKENIZER_SAMPLE_CHARS characters: merges
+    settle long before, and a corpus larger than memory must not be counted whole): any byte
+    sequence encodes, no unknown tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = CAUSAL_SPECIALS if kind == "causal" else MASKED_SPECIALS
@@ -56,7 +62,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, kind: str = "causal") -> 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_list, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(_first_chars(texts, TOKENIZER_SAMPLE_CHARS), trainer=trainer)
     if kind == "masked":
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
@@ -67,7 +73,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, kind: str = "causal") -> 
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **specials)
 
 
-def build_initial(cfg: ModelConfig, train_texts: list[str], seed: int):
+def _first_chars(texts: Iterable[str], limit: int):
+    seen = 0
+    for text in texts:
+        yield text
+        seen += len(text)
+        if seen >= limit:
+            return
+
+
+def build_initial(cfg: ModelConfig, train_texts: Iterable[str], seed: int):
     """Return (model, tokenizer, kind) for the run's starting point."""
     if cfg.preset in ("tiny", "tiny-bert"):
         kind = "causal" if cfg.preset == "tiny" else "masked"

@@ -24,11 +24,13 @@ random numbers, so the same seed gives the same variants for any process count.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -151,23 +153,34 @@ class AugmentConfig(StageConfig):
         return self
 
 
-def labelled_rows(rows: list[dict], skipped: Counter) -> list[dict]:
+def labelled_rows(rows: Iterable[dict], skipped: Counter) -> list[dict]:
     """Rows whose ``meta.input`` occurs exactly once in their text, before their ``meta.completion``
     at its end (the ``fewshot`` stage's pseudo-labels); the others are counted in ``skipped``."""
     out = []
     for r in rows:
-        unit, completion = r["meta"].get("input"), r["meta"].get("completion")
-        if not isinstance(unit, str) or not isinstance(completion, str):
-            skipped["not_labelled"] += 1
-        elif not unit or r["text"].count(unit) != 1 or not r["text"].endswith(completion) \
-                or r["text"].find(unit) + len(unit) > len(r["text"]) - len(completion):
-            skipped["input_not_once_in_prompt"] += 1
+        problem = label_problem(r)
+        if problem:
+            skipped[problem] += 1
         else:
             out.append(r)
     if not out:
-        raise SelftrainError("augment inputs=labelled: no pool row carries meta.input (once, in its prompt) and "
-                             "meta.completion (run a fewshot stage with add_to_pool before it)")
+        raise SelftrainError(NO_LABELLED_ROWS)
     return out
+
+
+NO_LABELLED_ROWS = ("augment inputs=labelled: no pool row carries meta.input (once, in its prompt) and "
+                    "meta.completion (run a fewshot stage with add_to_pool before it)")
+
+
+def label_problem(r: dict) -> str | None:
+    """Why row ``r`` is not a pseudo-labelled row augment can rewrite, or None."""
+    unit, completion = r["meta"].get("input"), r["meta"].get("completion")
+    if not isinstance(unit, str) or not isinstance(completion, str):
+        return "not_labelled"
+    if not unit or r["text"].count(unit) != 1 or not r["text"].endswith(completion) \
+            or r["text"].find(unit) + len(unit) > len(r["text"]) - len(completion):
+        return "input_not_once_in_prompt"
+    return None
 
 
 def placed(units: list[str], fits: list[int], texts: list[str]) -> list[str | None]:
@@ -214,22 +227,36 @@ class AugmentStage(Stage):
     # ------------------------------------------------------------------ sources
 
     def _sources(self, state: RunState, config: AugmentConfig) -> tuple[list[dict], list[str], Counter]:
-        """(rows, the unit of each row that is rewritten, skipped rows by reason)."""
+        """(rows, the unit of each row that is rewritten, skipped rows by reason). The pool is read
+        row batch by row batch; with ``max_sources`` only that many rows (the lowest seeded hashes of
+        their ids) are held, so a pool larger than memory can be sampled."""
         skipped: Counter = Counter()
-        rows = state.pool.rows(origin="real" if config.inputs == "real" else None)
-        if config.inputs == "labelled":
-            rows = labelled_rows(rows, skipped)
-        else:  # a pseudo-labelled row is prompt + label: rewritten as plain text its label could move
-            plain = [r for r in rows if not isinstance(r["meta"].get("input"), str)]
-            skipped["labelled_rows (use inputs: labelled)"] = len(rows) - len(plain)
-            rows = plain
-        units = [r["meta"]["input"] if config.inputs == "labelled" else r["text"] for r in rows]
-        keep = [i for i, u in enumerate(units) if u.strip()]
-        skipped["empty"] = len(units) - len(keep)
-        if config.max_sources is not None and len(keep) > config.max_sources:
-            rank = {i: hashlib.sha1(f"{state.seed}/{rows[i]['id']}".encode()).digest() for i in keep}
-            keep = sorted(sorted(keep, key=rank.__getitem__)[:config.max_sources])
-        return [rows[i] for i in keep], [units[i] for i in keep], +skipped
+        chosen: list[tuple[int, int, dict, str]] = []  # (-rank, position, row, unit): a max-heap by rank
+        labelled = 0
+        for position, r in enumerate(state.pool.iter_rows(origin="real" if config.inputs == "real" else None)):
+            if config.inputs == "labelled":
+                problem = label_problem(r)
+                if problem:
+                    skipped[problem] += 1
+                    continue
+                labelled += 1
+                unit = r["meta"]["input"]
+            elif isinstance(r["meta"].get("input"), str):  # a pseudo-labelled row is prompt + label: rewritten
+                skipped["labelled_rows (use inputs: labelled)"] += 1  # as plain text its label could move
+                continue
+            else:
+                unit = r["text"]
+            if not unit.strip():
+                skipped["empty"] += 1
+                continue
+            rank = int.from_bytes(hashlib.sha1(f"{state.seed}/{r['id']}".encode()).digest(), "big")
+            heapq.heappush(chosen, (-rank, position, r, unit))
+            if config.max_sources is not None and len(chosen) > config.max_sources:
+                heapq.heappop(chosen)  # the highest rank leaves
+        if config.inputs == "labelled" and not labelled:
+            raise SelftrainError(NO_LABELLED_ROWS)
+        chosen.sort(key=lambda c: c[1])  # pool order
+        return [c[2] for c in chosen], [c[3] for c in chosen], +skipped
 
     def _cap(self, state: RunState, additions: list[dict]) -> tuple[list[dict], int]:
         """The additions the run's synthetic-fraction cap will take, chosen as the runner would

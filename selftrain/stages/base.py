@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -121,8 +121,9 @@ class Stage:
     Config: ClassVar[type[StageConfig]]
     requires_causal: ClassVar[bool] = False  # generates or scores continuations: refused for a masked LM
 
-    def preflight(self, config: StageConfig, *, model, tokenizer, kind: str, train_texts: list[str]) -> None:
-        """Raise SelftrainError for input this stage cannot use; called before anything is written."""
+    def preflight(self, config: StageConfig, *, model, tokenizer, kind: str, train_texts: Sequence[str]) -> None:
+        """Raise SelftrainError for input this stage cannot use; called before anything is written.
+        ``train_texts`` is a lazy view of the pool (index, slice or iterate it; do not copy it whole)."""
 
     def runs_model_code(self, config: StageConfig) -> bool:
         """Whether this stage executes code a model wrote (the runner then requires

@@ -18,6 +18,7 @@ import io
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -25,12 +26,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selftrain.data import clustering, dedup
+from selftrain.data.arrowfile import text_batches
 from selftrain.data.wordnet import primary_lexnames, wordnet_dir
 from selftrain.errors import SelftrainError
 from selftrain.evaluation.word_categories import score_against, word_clusters
 from selftrain.modeling.embeddings import (
     check_embedder,
-    embed_texts,
+    embed_stream,
     load_encoder,
     resolve_embedder,
 )
@@ -101,21 +103,37 @@ class ClusterStage(Stage):
 
     def run(self, state: RunState, config: ClusterConfig) -> StageResult:
         ds = state.pool.ds
-        ids, texts = list(ds["id"]), list(ds["text"])
+        # the texts are read in passes from the memory-mapped pool, never copied into one list
+        ids, texts = list(ds["id"]), ds["text"]
+
+        def stream():
+            return (t for batch in text_batches(ds) for t in batch)
+
         if isinstance(config.k, int) and config.k > len(texts):
             raise SelftrainError(f"cluster.k={config.k} but the pool holds {len(texts)} texts")
-        empty = {i for i, t in enumerate(texts) if not dedup.normalise(t)}
+        empty: set[int] = set()
+
+        def normalised():  # one pass finds the empty texts and feeds exact dedup
+            for i, text in enumerate(stream()):
+                norm = dedup.normalise(text)
+                if not norm:
+                    empty.add(i)
+                yield norm
 
         # 1. duplicates that need no model: exact, then near (each keeps the first of a group)
         started = time.perf_counter()
         duplicate: dict[int, int] = {}
         kinds: dict[str, int] = {}
         if config.dedup.exact:
-            found = {i: j for i, j in dedup.exact_duplicates(texts).items() if i not in empty}
+            found = dedup.exact_duplicates(normalised(), normalised=True)
+            found = {i: j for i, j in found.items() if i not in empty}
             duplicate.update(found)
             kinds["exact"] = len(found)
+        else:
+            for _ in normalised():
+                pass
         if config.dedup.near is not None:
-            found = dedup.near_duplicates(texts, threshold=config.dedup.near, num_perm=config.dedup.num_perm,
+            found = dedup.near_duplicates(stream(), threshold=config.dedup.near, num_perm=config.dedup.num_perm,
                                           unit=config.dedup.shingle, n=config.dedup.shingle_size,
                                           skip=set(duplicate) | empty, seed=state.seed)
             duplicate.update(found)
@@ -124,6 +142,7 @@ class ClusterStage(Stage):
 
         # 2. embed and cluster the distinct texts
         kept = [i for i in range(len(texts)) if i not in duplicate and i not in empty]
+        kept_rows = np.array(kept, dtype=np.int64)
         embedder = resolve_embedder(config.embedder)
         needs_model = embedder == "model" or config.word_categories is not None
         model, tokenizer = state.load_model() if needs_model else (None, None)  # not loaded when nothing uses it
@@ -131,10 +150,12 @@ class ClusterStage(Stage):
         encoder = encoder.to(state.device)
         precision = resolve_precision(config.precision, state.device)
         started = time.perf_counter()
-        vectors = embed_texts(encoder, encoder_tok, [texts[i] for i in kept], max_length=config.max_length,
-                              max_tokens=config.max_batch_tokens, precision=precision, progress=True)
+        # written to a memory-mapped file as they are made (removed at the end of the stage)
+        vectors = embed_stream(encoder, encoder_tok, text_batches(ds.select(kept_rows), size=4096), len(kept),
+                               state.stage_dir / "embeddings.npy", max_length=config.max_length,
+                               max_tokens=config.max_batch_tokens, precision=precision)
         embed_seconds = time.perf_counter() - started
-        found = find_clusters(vectors, [texts[i] for i in kept], config, state.seed)
+        found = find_clusters(vectors, ds.select(kept_rows)["text"], config, state.seed)
         label = dict(zip(kept, found.labels.tolist()))
 
         # 3. semantic duplicates: near in meaning, inside one cluster
@@ -160,8 +181,9 @@ class ClusterStage(Stage):
 
         # 5. names, typical texts, word categories, the map
         distinct = [i for i in kept if i not in duplicate]
-        terms = clustering.ctfidf_terms([texts[i] for i in distinct], [cluster_of[i] for i in distinct],
-                                        config.top_terms) if distinct else {}
+        named = naming_sample(distinct, cluster_of)
+        terms = clustering.ctfidf_terms(texts[named], [cluster_of[i] for i in named],
+                                        config.top_terms) if named else {}
         typical = clustering.nearest_to_centroids(vectors, found.labels, found.centroids, config.nearest)
         sizes = Counter(cluster_of[i] for i in trained)
         weight_of = {cluster_of[i]: w for i, w in zip(trained, weights)}  # one weight per cluster
@@ -197,6 +219,7 @@ class ClusterStage(Stage):
             metrics["word_categories"] = {k: v for k, v in words.items() if k in ("purity", "random_purity", "nmi",
                                                                                     "scored_words", "k")}
             metrics["word_categories"]["examples"] = self._example_categories(words)
+        (state.stage_dir / "embeddings.npy").unlink(missing_ok=True)  # scratch: the centroids are kept
         return StageResult(annotations=annotations, artefacts=artefacts, metrics=metrics)
 
     @staticmethod
@@ -254,7 +277,7 @@ class ClusterStage(Stage):
         return "\n".join(lines)
 
 
-def find_clusters(vectors: np.ndarray, texts: list[str], config: ClusterConfig, seed: int) -> clustering.Clustering:
+def find_clusters(vectors: np.ndarray, texts: Sequence[str], config: ClusterConfig, seed: int) -> clustering.Clustering:
     """The stage's partition of embedded texts (bench/cluster_bbc.py measures this same function)."""
     if not len(vectors):
         return clustering.Clustering(np.zeros(0, dtype=int), np.zeros((0, vectors.shape[1])), 0, {})
@@ -263,6 +286,22 @@ def find_clusters(vectors: np.ndarray, texts: list[str], config: ClusterConfig, 
                               k_min=config.k_range[0], k_max=config.k_range[1], sample=config.silhouette_sample,
                               algorithm=config.algorithm, min_cluster_size=config.min_cluster_size,
                               lexical=lexical, lexical_weight=config.lexical)
+
+
+NAMING_TEXTS = 2000  # texts per cluster its terms are counted on (evenly spaced): all of a small cluster
+
+
+def naming_sample(rows: list[int], cluster_of: dict[int, int], per_cluster: int = NAMING_TEXTS) -> list[int]:
+    """The rows whose words name the clusters: every row of a cluster up to ``per_cluster``, an
+    evenly spaced subset of a larger one, in pool order."""
+    members: dict[int, list[int]] = {}
+    for i in rows:
+        members.setdefault(cluster_of[i], []).append(i)
+    picked = []
+    for group in members.values():
+        picked += group if len(group) <= per_cluster else [
+            group[int(j)] for j in np.linspace(0, len(group) - 1, per_cluster).round()]
+    return sorted(picked)
 
 
 def _snippet(text: str, chars: int = 160) -> str:

@@ -13,6 +13,7 @@ rows is set aside and its labels only *measure* accuracy before and after each r
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -151,7 +152,7 @@ def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotC
         console.print(f"  zero-shot accuracy on {len(measured)} set-aside rows: {acc:.3f}")
     for rnd in range(1, cfg.rounds + 1):
         rng = random.Random(seed * 7919 + rnd)
-        pool = rng.sample(texts, cfg.max_inputs) if cfg.max_inputs and len(texts) > cfg.max_inputs else texts
+        pool = rng.sample(texts, cfg.max_inputs) if cfg.max_inputs and len(texts) > cfg.max_inputs else list(texts)
         pred, conf, _ = predict(model, tokenizer, task, pool, calibrate=cfg.calibrate, chat=chat,
                                 batch_size=cfg.batch_size, progress=console is not None)
         picked = select_balanced(pred, conf, len(labels), cfg.per_class, cfg.min_confidence)
@@ -188,7 +189,7 @@ class FewshotStage(Stage):
     Config = FewshotConfig
     requires_causal = True  # scores label names as continuations
 
-    def _inputs(self, cfg: FewshotConfig, task: TaskSpec, pool_texts: list[str], seed: int):
+    def _inputs(self, cfg: FewshotConfig, task: TaskSpec, pool_texts: Sequence[str], seed: int):
         if cfg.inputs == "pool":
             return pool_texts, None
         if cfg.inputs == "task":
@@ -212,7 +213,7 @@ class FewshotStage(Stage):
     def run(self, state: RunState, config: FewshotConfig) -> StageResult:
         task = label_task(config.task, config.labels)
         # the split seed is the run's, not the round's: the measured rows stay the same every round
-        texts, measured = self._inputs(config, task, state.pool.texts(origin="real"), state.config.run.seed)
+        texts, measured = self._inputs(config, task, state.pool.text_view(origin="real"), state.config.run.seed)
         if not texts:
             raise SelftrainError(f"fewshot: the unlabelled set ({config.inputs}) is empty")
         model, tokenizer = state.load_model()

@@ -17,10 +17,13 @@ from __future__ import annotations
 import shutil
 from typing import ClassVar, Literal
 
+import numpy as np
+import pyarrow.compute as pc
 from pydantic import Field
 
+from selftrain.data.arrowfile import text_batches
 from selftrain.data.order import OrderOptions, column_values, inherited_order, pool_order
-from selftrain.data.packing import pack_texts
+from selftrain.data.packing import pack_batches
 from selftrain.errors import SelftrainError
 from selftrain.modeling.factory import save_checkpoint
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
@@ -67,24 +70,27 @@ class PretrainStage(Stage):
         objective = self.objective(config, state.kind)
         model, tokenizer = state.load_model()
         ds = state.pool.ds
-        rows = [i for i, o in enumerate(list(ds["origin"])) if config.data == "pool" or o == "real"]
-        all_texts = list(ds["text"])
-        texts = [all_texts[i] for i in rows]
+        rows = np.arange(len(ds)) if config.data == "pool" else np.flatnonzero(
+            pc.equal(ds.with_format("arrow")["origin"], "real").to_numpy(zero_copy_only=False))
         trainer_dir = state.stage_dir / "trainer"
         given = "order" in config.model_fields_set
         options = inherited_order(config.order, given, state.artefacts)
         if not given and objective != "clm":  # a published pacing's LM-only options do not apply to mlm
             options = options.model_copy(update={"rescore_every": None, "length_warmup": None})
         if options.policy == "paced":
+            texts = ds.select_columns(["text"])[rows.tolist()]["text"]  # the pacer re-packs by competence
             model, metrics = paced_lm_train(
                 model, tokenizer, texts, column_values(ds, options.column, rows), config, options,
                 block_size=config.block_size, objective=objective, out_dir=trainer_dir, seed=state.seed,
                 device=state.device, log=state.log, stage_key=state.stage_key, report_to=state.config.run.report_to)
         else:
-            order = pool_order(ds, options, state.seed, rows)  # positions into texts; None: random
+            order = pool_order(ds, options, state.seed, rows)  # positions into rows; None: random
             if order is not None:
-                texts = [texts[i] for i in order]
-            blocks = pack_texts(texts, tokenizer, config.block_size, objective)
+                rows = rows[order]
+            chosen = ds if order is None and len(rows) == len(ds) else ds.select(rows)
+            # streamed from the memory-mapped pool to a block file: the corpus need not fit in memory
+            blocks = pack_batches(text_batches(chosen, size=2000), tokenizer, config.block_size, objective,
+                                  path=state.stage_dir / "blocks.arrow")
             model, metrics = lm_train(model, tokenizer, blocks, config, objective=objective, out_dir=trainer_dir,
                                       seed=state.seed, device=state.device, log=state.log, stage_key=state.stage_key,
                                       report_to=state.config.run.report_to,
@@ -92,6 +98,7 @@ class PretrainStage(Stage):
             metrics["blocks"] = len(blocks)
         model_dir = save_checkpoint(model, tokenizer, state.stage_dir / "model")
         shutil.rmtree(trainer_dir, ignore_errors=True)  # the saved model supersedes them
+        (state.stage_dir / "blocks.arrow").unlink(missing_ok=True)
         artefacts = {}
         if options.policy == "paced":
             artefacts = draw_curriculum(metrics, state.stage_dir / "competence.png", state.stage_dir / "bucket_loss.png")

@@ -95,7 +95,7 @@ def lm_arguments(opts: LMOptions, out_dir: Path, *, seed: int, precision: str, d
     )
 
 
-def check_lm_input(opts: LMOptions, model, tokenizer, texts: list[str], block_size: int) -> None:
+def check_lm_input(opts: LMOptions, model, tokenizer, texts: Sequence[str], block_size: int) -> None:
     """SelftrainError, before anything is written, for LM training that cannot start: a bad
     ``trainer_args`` value, a block longer than the model's context, text shorter than one block."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the values in trainer_args, before the run
@@ -104,7 +104,7 @@ def check_lm_input(opts: LMOptions, model, tokenizer, texts: list[str], block_si
     context = getattr(model.config, "max_position_embeddings", None)
     if context and block_size > context:
         raise SelftrainError(f"{p}block_size={block_size} exceeds the model's context ({context})")
-    n = count_tokens(texts, tokenizer)
+    n = count_tokens(texts, tokenizer, at_least=block_size)  # stops early on a large corpus
     if n < block_size:
         raise SelftrainError(f"the training text is shorter than one block: {n} tokens < "
                              f"{p}block_size={block_size}. Add text or lower block_size.")

@@ -1,0 +1,144 @@
+"""Corpora larger than memory: documents are streamed, split on hashes, written to Arrow and read
+back memory-mapped; packing and embedding write to disk as they go. These tests force the small
+cases (a chunk of 7 bytes, a document limit of 40 characters) and measure what Python holds."""
+
+import random
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import selftrain.data.sources as sources
+from selftrain.config import DataConfig
+from selftrain.data import dedup
+from selftrain.data.clustering import lexical_vectors
+from selftrain.data.packing import pack_batches, pack_texts
+from selftrain.data.pool import Pool, prepare_corpus
+from selftrain.errors import SelftrainError
+from selftrain.modeling.embeddings import embed_stream, embed_texts
+from selftrain.modeling.factory import train_tokenizer
+from selftrain.stages.cluster import naming_sample
+
+from conftest import make_corpus, micro_lm
+
+
+def test_text_files_stream_in_chunks_with_the_same_paragraphs(tmp_path, monkeypatch):
+    text = "Première ligne.\nsuite é\n\n \t\n\nDeux ü ñ 日本語.\n\n\n\nTrois" + "\n\n" + "quatre " * 20
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    whole = list(sources.iter_text_file(tmp_path / "a.txt"))
+    monkeypatch.setattr(sources, "READ_BYTES", 7)  # multi-byte characters and breaks cut by chunk edges
+    assert list(sources.iter_text_file(tmp_path / "a.txt")) == whole
+    assert whole == ["Première ligne.\nsuite é", "Deux ü ñ 日本語.", "Trois", ("quatre " * 20).strip()]
+    assert list(sources.iter_text_file(tmp_path / "a.txt", paragraphs=False)) == [text]
+
+
+def test_one_enormous_line_is_cut_at_whitespace(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "READ_BYTES", 16)
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_CHARS", 40)
+    words = [f"w{i:03d}" for i in range(100)]
+    (tmp_path / "line.txt").write_text(" ".join(words))  # 499 characters, no paragraph break
+    pieces = list(sources.iter_text_file(tmp_path / "line.txt"))
+    assert len(pieces) > 10 and all(len(p) <= 40 for p in pieces)
+    assert " ".join(pieces).split() == words  # nothing lost, no word cut
+    (tmp_path / "bad.txt").write_bytes("ok ".encode() * 10 + b"\xff\xfe")
+    with pytest.raises(SelftrainError, match=r"not UTF-8 text \(byte 30\)"):
+        list(sources.iter_text_file(tmp_path / "bad.txt"))
+
+
+def test_prepare_corpus_on_disk_matches_in_memory_and_is_memory_mapped(tmp_path):
+    paras = [f"Paragraph {i} tells of {random.Random(i).random():.6f} things." for i in range(300)]
+    (tmp_path / "c.txt").write_text("\n\n".join(paras + paras[:40] + ["tiny"]))
+    cfg = DataConfig(train=str(tmp_path / "c.txt"), heldout_fraction=0.1, max_documents=250)
+    train_mem, held_mem, stats_mem = prepare_corpus(cfg, seed=3)
+    train, held, stats = prepare_corpus(cfg, seed=3, work_dir=tmp_path / "work")
+    assert stats == stats_mem and stats["documents_loaded"] == 341 and stats["dropped_short_or_duplicate"] == 41
+    assert train.to_dict() == train_mem.to_dict() and held.to_dict() == held_mem.to_dict()
+    assert len(train) + len(held) == 250 and len(held) == 25
+    assert train.cache_files and held.cache_files  # backed by files under work_dir, not by memory
+    assert not train_mem.cache_files
+    Pool(train).save(tmp_path / "pool")
+    loaded = Pool.load(tmp_path / "pool")
+    assert loaded.ds.cache_files and loaded.texts() == list(train["text"])
+    view = loaded.text_view(origin="real")
+    assert len(view) == len(train) and view[3] == train[3]["text"] and view[:2] == train["text"][:2]
+
+
+def test_prepare_corpus_holds_far_less_than_the_corpus(tmp_path):
+    """Python's own allocations while a 24 MB corpus is read, deduplicated, split and written stay
+    a fraction of it (5.6 MB for 26.9 MB here; a list of the texts alone is more than the corpus)."""
+    rng = random.Random(0)
+    words = [f"{w}{i}" for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 500)]
+    with open(tmp_path / "big.txt", "w") as f:
+        for i in range(48000):
+            f.write(" ".join(rng.choice(words) for _ in range(60)) + f" {i}.\n\n")
+    size = (tmp_path / "big.txt").stat().st_size
+    assert size > 20e6
+    tracemalloc.start()
+    try:
+        train, held, stats = prepare_corpus(DataConfig(train=str(tmp_path / "big.txt")), seed=0,
+                                            work_dir=tmp_path / "work")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stats["train_documents"] + stats["heldout_documents"] == 48000
+    assert peak < size / 3, f"peak Python allocation {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB corpus"
+
+
+def test_packing_streams_to_disk_and_loses_no_token_at_batch_edges(tmp_path):
+    texts = make_corpus(120).split("\n\n")
+    tok = train_tokenizer(texts, 320)
+    in_memory = pack_texts(texts, tok, 32)
+    uneven = [texts[:1], texts[1:50], texts[50:51], texts[51:]]  # batch edges fall anywhere
+    on_disk = pack_batches(iter(uneven), tok, 32, path=tmp_path / "blocks.arrow")
+    assert on_disk.cache_files and on_disk["input_ids"] == in_memory["input_ids"]
+    with pytest.raises(SelftrainError, match="shorter than one block"):
+        pack_batches(iter([["a few words"]]), tok, 512, path=tmp_path / "small.arrow")
+
+
+def test_embeddings_stream_into_a_memory_mapped_file():
+    texts = make_corpus(60).split("\n\n")
+    tok = train_tokenizer(texts, 320)
+    model = micro_lm(tok).eval()
+    whole = embed_texts(model, tok, texts, max_length=24)
+    batches = (texts[i:i + 7] for i in range(0, len(texts), 7))
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        streamed = embed_stream(model, tok, batches, len(texts), Path(folder) / "e.npy", max_length=24)
+        assert isinstance(streamed, np.memmap) and streamed.shape == whole.shape
+        np.testing.assert_allclose(streamed, whole, atol=1e-5)
+    with pytest.raises(ValueError, match="promised 5"):
+        embed_stream(model, tok, iter([texts[:3]]), 5, max_length=24)
+
+
+def test_exact_and_near_duplicates_read_the_texts_once():
+    texts = ["The cat sat on the mat.", "a dog barked all night long", "the CAT sat on the mat",
+             "The cat sat on the mat!!", "a dog barked all night long."]
+    once = iter(texts)  # an iterator: a second pass would see nothing
+    assert dedup.exact_duplicates(once) == {2: 0, 3: 0, 4: 1}
+    found = dedup.near_duplicates(iter(texts), threshold=0.5, skip={2, 3})
+    assert found == {4: 1}
+
+
+def test_lexical_vectors_fitted_on_a_sample_place_every_text():
+    topics = {"space": "rocket orbit planet launch moon", "food": "bread cheese butter oven recipe"}
+    texts = [" ".join(random.Random(i).sample(topics[t].split(), 4)) + f" note{i}"
+             for i in range(60) for t in (["space"] if i % 2 else ["food"])]
+    full = lexical_vectors(texts, dims=2, seed=0)
+    sampled = lexical_vectors(texts, dims=2, seed=0, fit_texts=10)  # fitted on 10, applied to 60
+    assert sampled.shape == full.shape == (60, 2)
+    np.testing.assert_allclose(np.linalg.norm(sampled, axis=1), 1, atol=1e-5)
+    same = sampled[0] @ sampled[2]  # two food texts
+    other = sampled[0] @ sampled[1]  # food and space
+    assert same > other + 0.5
+
+
+def test_clusters_are_named_from_an_evenly_spaced_sample():
+    cluster_of = {i: i % 3 for i in range(100)}
+    picked = naming_sample(list(range(100)), cluster_of, per_cluster=10)
+    assert picked == sorted(picked)
+    per = {c: [i for i in picked if cluster_of[i] == c] for c in range(3)}
+    assert all(len(v) == 10 for v in per.values())
+    assert per[0][0] == 0 and per[0][-1] == 99  # spread over the whole cluster, ends included
+    assert naming_sample(list(range(20)), cluster_of, per_cluster=10) == list(range(20))
