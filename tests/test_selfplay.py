@@ -212,6 +212,31 @@ def test_rollout_fills_every_slot_and_counts_unparsable_proposals(micro):
     assert bad.counts["slots_to_proposer"] == 3 and bad.counts["unparsable"] == 16
 
 
+def test_each_process_of_a_launch_plays_problems_of_its_own(micro, monkeypatch):
+    """Under torchrun every rank builds the environment; seeded alike, all ranks would roll out the
+    same problems and the extra processes would add nothing. Rank 0 keeps a single process's."""
+    from types import SimpleNamespace
+
+    from selftrain.config import RunConfig
+    from selftrain.modeling.generation import SamplingParams
+    from selftrain.stages.selfplay import SelfplayStage
+
+    model, tok = micro
+    config = SelfplayConfig(env="tasks", family="arithmetic", problem_source="generator", max_steps=1)
+    state = SimpleNamespace(seed=3, heldout=[], config=RunConfig(model={"preset": "tiny"}, stages=[{"pretrain": {}}]))
+
+    def problems(rank: int) -> list[str]:
+        monkeypatch.setenv("RANK", str(rank))
+        env, _ = SelfplayStage._grpo_env(config, model, tok, state)
+        out = env.rollout(6, 2, ScriptedBackend(tok, []), SamplingParams(max_new_tokens=4))
+        return [p.key for p in out["problem"]]
+
+    first, again, other = problems(0), problems(0), problems(1)
+    assert first == again and first != other
+    monkeypatch.delenv("RANK")
+    assert problems(0) == first  # no RANK at all: a single process, the same as rank 0
+
+
 def test_proposer_is_shown_its_earlier_problems(micro):
     _, tok = micro
     env = ProposerSolverEnv(PythonPrograms(), tok, chat=False, seed=0)

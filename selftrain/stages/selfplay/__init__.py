@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from rich.console import Console
 
+from selftrain import distributed
 from selftrain.errors import SelftrainError
 from selftrain.modeling.factory import save_checkpoint
 from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
@@ -198,6 +199,9 @@ class SelfplayStage(Stage):
         from selftrain.modeling.chat import use_chat
 
         chat = use_chat(config.chat, tokenizer)
+        # each process of a launch plays problems of its own (rank 0 those of a single process):
+        # alike, every rank would sample the same rollouts and the extra processes would add nothing
+        env_seed = state.seed + 7919 * distributed.rank()
         if config.env == "tasks":
             from selftrain.stages.selfplay.proposer_solver import (
                 ProposerSolverEnv,
@@ -215,11 +219,11 @@ class SelfplayStage(Stage):
             env = ProposerSolverEnv(family, tokenizer, chat=chat,
                                     source=config.problem_source, train_proposer=config.train_proposer,
                                     propose_fraction=config.propose_fraction, learnability_kind=config.learnability,
-                                    proposal_temperature=config.proposal_temperature, seed=state.seed)
+                                    proposal_temperature=config.proposal_temperature, seed=env_seed)
         else:
             from selftrain.stages.selfplay.dialogue import DialogueEnv
 
-            env = DialogueEnv.build(config, model, tokenizer, chat=chat, seed=state.seed)
+            env = DialogueEnv.build(config, model, tokenizer, chat=chat, seed=env_seed)
         fns = env.rewards()
         unknown = set(config.reward_weights) - set(fns)
         if unknown:
