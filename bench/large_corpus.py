@@ -181,7 +181,7 @@ def main() -> None:
         print((work / "run.log").read_text()[-3000:])
         raise SystemExit(f"selftrain run failed with exit code {result['returncode']}")
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    stages = {e["stage"]: e for e in manifest["stages"]}
+    stages = {e["name"]: e for e in manifest["stages"]}
     cluster = stages["cluster"]["stage_metrics"]
     peak_anon = max(p["RssAnon"] for p in result["phases"].values()) / 1024
     peak_rss = max(p["VmRSS"] for p in result["phases"].values()) / 1024

@@ -188,6 +188,7 @@ class Runner:
             "initial_checkpoint": self.ws.rel(initial), "current_checkpoint": self.ws.rel(initial),
             "pool": "data/pool", "baseline_metrics": baseline, "accepted_metrics": baseline,
             "initial_samples": samples[:4], "stages": [],
+            "eval_documents": cfg.eval.max_documents,  # the held-out texts every evaluation of this run reads
         }
         self.ws.save_manifest(manifest)
         return manifest
@@ -303,7 +304,9 @@ class Runner:
     # ------------------------------------------------------------------ the loop
     def _stages(self, manifest: dict) -> dict:
         ws = self.ws
-        heldout = Pool.load(ws.data_dir / "heldout").spread_texts(self.cfg.eval.max_documents)
+        held = Pool.load(ws.data_dir / "heldout")
+        # a run begun before eval.max_documents existed scored every held-out text: it goes on so
+        heldout = held.texts() if "eval_documents" not in manifest else held.spread_texts(manifest["eval_documents"])
         entries = {e["key"]: e for e in manifest["stages"]}
         for key, rnd, idx, spec in self.plan():
             entry = entries.get(key)

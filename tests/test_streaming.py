@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import make_corpus, micro_lm
 
 import selftrain.data.sources as sources
 from selftrain.config import DataConfig
@@ -18,8 +19,6 @@ from selftrain.errors import SelftrainError
 from selftrain.modeling.embeddings import embed_stream, embed_texts
 from selftrain.modeling.factory import train_tokenizer
 from selftrain.stages.cluster import naming_sample
-
-from conftest import make_corpus, micro_lm
 
 
 def test_text_files_stream_in_chunks_with_the_same_paragraphs(tmp_path, monkeypatch):
@@ -40,7 +39,7 @@ def test_one_enormous_line_is_cut_at_whitespace(tmp_path, monkeypatch):
     pieces = list(sources.iter_text_file(tmp_path / "line.txt"))
     assert len(pieces) > 10 and all(len(p) <= 40 for p in pieces)
     assert " ".join(pieces).split() == words  # nothing lost, no word cut
-    (tmp_path / "bad.txt").write_bytes("ok ".encode() * 10 + b"\xff\xfe")
+    (tmp_path / "bad.txt").write_bytes(b"ok " * 10 + b"\xff\xfe")
     with pytest.raises(SelftrainError, match=r"not UTF-8 text \(byte 30\)"):
         list(sources.iter_text_file(tmp_path / "bad.txt"))
 
@@ -142,3 +141,49 @@ def test_clusters_are_named_from_an_evenly_spaced_sample():
     assert all(len(v) == 10 for v in per.values())
     assert per[0][0] == 0 and per[0][-1] == 99  # spread over the whole cluster, ends included
     assert naming_sample(list(range(20)), cluster_of, per_cluster=10) == list(range(20))
+
+
+def test_a_bad_utf8_byte_is_located_across_chunk_edges(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "READ_BYTES", 5)
+    (tmp_path / "edge.txt").write_bytes(b"abcd\xe2\x82Xyz")  # a character begun in one chunk, broken in the next
+    with pytest.raises(SelftrainError, match=r"byte 4\)"):
+        list(sources.iter_text_file(tmp_path / "edge.txt"))
+
+
+def test_max_documents_draws_what_earlier_versions_drew(tmp_path):
+    paras = [f"Paragraph {i} is about {i * 7 % 13} things." for i in range(120)]
+    (tmp_path / "c.txt").write_text("\n\n".join(paras))
+    train, held, _ = prepare_corpus(DataConfig(train=str(tmp_path / "c.txt"), max_documents=30), seed=5)
+    drawn = random.Random(5).sample(paras, 30)  # the old loader: random.sample of the kept texts
+    assert list(train["text"]) + list(held["text"]) != drawn  # held-out rows are taken out...
+    assert [t for t in drawn if t not in set(held["text"])] == list(train["text"])  # ...the rest keeps the draw's order
+    assert set(held["text"]) <= set(drawn)
+
+
+def test_texts_cut_before_embedding_tokenise_as_the_whole_text():
+    """The pre-cut may never change the first max_length tokens: not for a BERT-style tokenizer,
+    which drops whitespace and control characters and makes one [UNK] of a long word, nor for
+    byte-level BPE."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from selftrain.modeling.embeddings import token_ids
+
+    rng = random.Random(0)
+    base = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta", "epsilon"]) for _ in range(50)) for _ in range(50)]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    wordpiece.normalizer = normalizers.BertNormalizer()
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.train_from_iterator(base, trainers.WordPieceTrainer(vocab_size=200, special_tokens=[
+        "[UNK]", "[CLS]", "[SEP]", "[PAD]"], show_progress=False))
+    wordpiece.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", wordpiece.token_to_id("[CLS]")), ("[SEP]", wordpiece.token_to_id("[SEP]"))])
+    bert = PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", pad_token="[PAD]")
+    words = " ".join(base)
+    texts = ["".join(f"{'col':<40}{i:>40}\n" for i in range(200)),  # a fixed-width table: mostly spaces
+             "start" + " " * 4000 + words, " ".join(["x" * 150] * 40) + " " + words, "\x01" * 5000 + " " + words,
+             "y" * 6000, words * 3, "short text"]
+    for tok in (bert, train_tokenizer(base, 300)):
+        for max_length in (8, 32):
+            assert token_ids(tok, texts, max_length) == tok(texts, truncation=True, max_length=max_length)["input_ids"]

@@ -100,8 +100,8 @@ def prepare_corpus(cfg: DataConfig, seed: int, work_dir: Path | None = None
                                  "(data.min_chars); is the file empty?")
         stats = {"documents_loaded": loaded, "documents_kept": len(kept), "dropped_short_or_duplicate": loaded - len(kept)}
         if cfg.max_documents and len(kept) > cfg.max_documents:
-            picked = np.random.default_rng(seed).choice(len(kept), cfg.max_documents, replace=False)
-            kept = kept[np.sort(picked)]
+            # the draw (and order) of earlier versions: random.sample looks only at the length
+            kept = kept[np.asarray(random.Random(seed).sample(range(len(kept)), cfg.max_documents))]
             stats["documents_kept"] = len(kept)
         if cfg.heldout is not None:
             held_docs, _ = _write_documents(iter_documents(cfg.heldout, **kw), cfg.min_chars, seed,

@@ -143,11 +143,12 @@ def _decoded_chunks(path: Path) -> Iterator[str]:
             while chunk := f.read(READ_BYTES):
                 if offset == 0 and b"\x00" in chunk[:65536]:
                     raise SelftrainError(f"{path} looks binary (contains NUL bytes); give a UTF-8 text file")
+                pending = len(decoder.getstate()[0])  # bytes of a character the last chunk began
                 try:
                     text = decoder.decode(chunk)
                 except UnicodeDecodeError as e:
-                    raise SelftrainError(f"{path} is not UTF-8 text (byte {offset + e.start}): convert it or "
-                                         "remove it") from None
+                    raise SelftrainError(f"{path} is not UTF-8 text (byte {offset - pending + e.start}): convert "
+                                         "it or remove it") from None
                 offset += len(chunk)
                 yield text
             try:

@@ -100,13 +100,32 @@ def longest_token(tokenizer) -> int:
 
 def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Each text's ids with the tokenizer's special tokens, cut to ``max_length``; an empty text
-    becomes the tokenizer's bare special tokens (or its first vocabulary id), never zero tokens."""
-    # tokenising a long text to keep only its first tokens wastes most of the time: cut it first,
-    # past where those tokens can end (no token covers more characters than its vocabulary string)
-    chars = max_length * longest_token(tokenizer) + 256
-    ids = tokenizer([t[:chars] for t in texts], truncation=True, max_length=max_length)["input_ids"]
+    becomes the tokenizer's bare special tokens (or its first vocabulary id), never zero tokens.
+
+    Tokenising a long text to keep only its first tokens wastes most of the time, so a text is
+    first cut at a whitespace before ``max_length`` x the longest vocabulary string (+256)
+    characters: words before the cut are tokenised as in the whole text. A cut text that then
+    fills fewer than ``max_length`` tokens (its whitespace or control characters made no tokens,
+    a very long word became one unknown token) is tokenised whole instead."""
+    limit = max_length * longest_token(tokenizer) + 256
+    cut = [_cut_at_space(t, limit) for t in texts]
+    ids = tokenizer(cut, truncation=True, max_length=max_length)["input_ids"]
+    redo = [i for i, (c, t) in enumerate(zip(cut, texts)) if len(c) < len(t) and len(ids[i]) < max_length]
+    if redo:
+        for i, row in zip(redo, tokenizer([texts[i] for i in redo], truncation=True, max_length=max_length)["input_ids"]):
+            ids[i] = row
     fallback = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
     return [row if row else fallback for row in ids]
+
+
+def _cut_at_space(text: str, limit: int) -> str:
+    """``text`` up to its last whitespace before ``limit`` characters (trailing whitespace dropped),
+    or all of it when it is short or has no whitespace there."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    return head[:space].rstrip() if space > 0 and head[:space].strip() else text
 
 
 @torch.inference_mode()

@@ -231,7 +231,9 @@ class AugmentStage(Stage):
         row batch by row batch; with ``max_sources`` only that many rows (the lowest seeded hashes of
         their ids) are held, so a pool larger than memory can be sampled."""
         skipped: Counter = Counter()
-        chosen: list[tuple[int, int, dict, str]] = []  # (-rank, position, row, unit): a max-heap by rank
+        # (-rank, -position, row, unit): the heap's top is the highest rank, the latest row among equal
+        # ranks (fewshot can add one row twice), so the kept rows are those a stable sort by rank keeps
+        chosen: list[tuple[int, int, dict, str]] = []
         labelled = 0
         for position, r in enumerate(state.pool.iter_rows(origin="real" if config.inputs == "real" else None)):
             if config.inputs == "labelled":
@@ -250,12 +252,12 @@ class AugmentStage(Stage):
                 skipped["empty"] += 1
                 continue
             rank = int.from_bytes(hashlib.sha1(f"{state.seed}/{r['id']}".encode()).digest(), "big")
-            heapq.heappush(chosen, (-rank, position, r, unit))
+            heapq.heappush(chosen, (-rank, -position, r, unit))
             if config.max_sources is not None and len(chosen) > config.max_sources:
                 heapq.heappop(chosen)  # the highest rank leaves
         if config.inputs == "labelled" and not labelled:
             raise SelftrainError(NO_LABELLED_ROWS)
-        chosen.sort(key=lambda c: c[1])  # pool order
+        chosen.sort(key=lambda c: -c[1])  # pool order
         return [c[2] for c in chosen], [c[3] for c in chosen], +skipped
 
     def _cap(self, state: RunState, additions: list[dict]) -> tuple[list[dict], int]:
@@ -465,7 +467,7 @@ class AugmentStage(Stage):
         # 4. labelled: fine-tune on the pseudo-labels and their kept variants together
         checkpoint, train_metrics = None, {}
         if config.train is not None:
-            labelled = labelled_rows(state.pool.rows(), Counter())  # every pseudo-label, not only the sampled sources
+            labelled = labelled_rows(state.pool.iter_rows(), Counter())  # every pseudo-label, not only the sampled sources
             pairs = [(r["text"][:len(r["text"]) - len(r["meta"]["completion"])], r["meta"]["completion"])
                      for r in labelled]
             pairs += [(a["text"][:len(a["text"]) - len(json.loads(a["meta"])["completion"])],

@@ -182,7 +182,7 @@ class ClusterStage(Stage):
         # 5. names, typical texts, word categories, the map
         distinct = [i for i in kept if i not in duplicate]
         named = naming_sample(distinct, cluster_of)
-        terms = clustering.ctfidf_terms(texts[named], [cluster_of[i] for i in named],
+        terms = clustering.ctfidf_terms(list(ds.select(named)["text"]), [cluster_of[i] for i in named],
                                         config.top_terms) if named else {}
         typical = clustering.nearest_to_centroids(vectors, found.labels, found.centroids, config.nearest)
         sizes = Counter(cluster_of[i] for i in trained)
