@@ -212,6 +212,10 @@ class Pool:
             return list(self.ds["text"])
         return [t for t, o in zip(self.ds["text"], self.ds["origin"]) if o == origin]
 
+    def ids(self) -> list[str]:
+        """Every row's id, read as one Arrow column (16 characters a row, not the texts)."""
+        return self.ds.with_format("arrow")["id"].to_pylist()
+
     def spread_texts(self, n: int) -> list[str]:
         """At most ``n`` texts, evenly spaced over the pool, in pool order: the whole of a small pool."""
         if len(self) <= n:
@@ -270,7 +274,7 @@ class Pool:
         for layer in layers:
             for column, values in layer.items():
                 merged.setdefault(column, {}).update(values)
-        ds, ids = self.ds, self.ds["id"]
+        ds, ids = self.ds, self.ids()
         for column, values in merged.items():
             try:
                 ds = ds.add_column(column, [values.get(i) for i in ids])
@@ -290,7 +294,7 @@ class Pool:
     def check_annotations(self, annotations: dict[str, dict[str, Any]]) -> dict[str, int]:
         """Raise ValueError unless every column is a new, plain name and every id is a row of this
         pool; return the number of rows annotated per column."""
-        ids = set(self.ds["id"])
+        ids = set(self.ids())
         for column, values in annotations.items():
             if not isinstance(column, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", column) or column in COLUMNS:
                 raise ValueError(f"annotation column {column!r}: use a lower-case name that is not a provenance "
@@ -316,5 +320,6 @@ class Pool:
     def load(cls, path: Path) -> Pool:
         recover_dir(Path(path))
         # memory-mapped: a pool may be larger than memory. The next save replaces the folder by a
-        # rename, and on Linux a mapped file stays readable after it is unlinked.
+        # rename, and on Linux a mapped file stays readable after it is unlinked. (A pickled
+        # dataset would re-open its file by path and read the new pool: never pickle one across a save.)
         return cls(datasets.load_from_disk(str(path)))

@@ -104,7 +104,7 @@ class ClusterStage(Stage):
     def run(self, state: RunState, config: ClusterConfig) -> StageResult:
         ds = state.pool.ds
         # the texts are read in passes from the memory-mapped pool, never copied into one list
-        ids, texts = list(ds["id"]), ds["text"]
+        ids, texts = state.pool.ids(), ds["text"]
 
         def stream():
             return (t for batch in text_batches(ds) for t in batch)
