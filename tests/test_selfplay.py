@@ -225,16 +225,21 @@ def test_each_process_of_a_launch_plays_problems_of_its_own(micro, monkeypatch):
     config = SelfplayConfig(env="tasks", family="arithmetic", problem_source="generator", max_steps=1)
     state = SimpleNamespace(seed=3, heldout=[], config=RunConfig(model={"preset": "tiny"}, stages=[{"pretrain": {}}]))
 
-    def problems(rank: int) -> list[str]:
-        monkeypatch.setenv("RANK", str(rank))
+    def problems() -> list[str]:
         env, _ = SelfplayStage._grpo_env(config, model, tok, state)
         out = env.rollout(6, 2, ScriptedBackend(tok, []), SamplingParams(max_new_tokens=4))
         return [p.key for p in out["problem"]]
 
-    first, again, other = problems(0), problems(0), problems(1)
-    assert first == again and first != other
-    monkeypatch.delenv("RANK")
-    assert problems(0) == first  # no RANK at all: a single process, the same as rank 0
+    single = problems()  # no RANK, no WORLD_SIZE: one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    first = problems()
+    monkeypatch.setenv("RANK", "1")
+    other = problems()
+    assert first == single and first != other
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("RANK", "3")  # a RANK left over in one process's environment changes nothing
+    assert problems() == single
 
 
 def test_proposer_is_shown_its_earlier_problems(micro):

@@ -164,7 +164,15 @@ def test_texts_cut_before_embedding_tokenise_as_the_whole_text():
     """The pre-cut may never change the first max_length tokens: not for a BERT-style tokenizer,
     which drops whitespace and control characters and makes one [UNK] of a long word, nor for
     byte-level BPE."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     from selftrain.modeling.embeddings import token_ids
@@ -184,6 +192,14 @@ def test_texts_cut_before_embedding_tokenise_as_the_whole_text():
     texts = ["".join(f"{'col':<40}{i:>40}\n" for i in range(200)),  # a fixed-width table: mostly spaces
              "start" + " " * 4000 + words, " ".join(["x" * 150] * 40) + " " + words, "\x01" * 5000 + " " + words,
              "y" * 6000, words * 3, "short text"]
-    for tok in (bert, train_tokenizer(base, 300)):
+    llama3 = Tokenizer(models.BPE())  # its split keeps newlines with the punctuation before them: ".\n\n"
+    llama3.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    llama3.train_from_iterator(["one two three.\n\nfour five six.\n\nseven eight.\n\n"] * 50, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    llama3 = PreTrainedTokenizerFast(tokenizer_object=llama3)
+    texts += [" ".join(["one"] * n) + ".\n\n" + "x" * 3000 for n in range(3, 12)] + ["foo.\x1f bar " * 400]
+    for tok in (bert, train_tokenizer(base, 300), llama3):
         for max_length in (8, 32):
             assert token_ids(tok, texts, max_length) == tok(texts, truncation=True, max_length=max_length)["input_ids"]

@@ -104,7 +104,7 @@ def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
 
     Tokenising a long text to keep only its first tokens wastes most of the time, so a text is
     first cut at a whitespace before ``max_length`` x the longest vocabulary string (+256)
-    characters: words before the cut are tokenised as in the whole text. A cut text that then
+    characters, right after a word: what comes before is tokenised as in the whole text. A cut text that then
     fills fewer than ``max_length`` tokens (its whitespace or control characters made no tokens,
     a very long word became one unknown token) is tokenised whole instead."""
     limit = max_length * longest_token(tokenizer) + 256
@@ -118,14 +118,17 @@ def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return [row if row else fallback for row in ids]
 
 
+_WORD_END = re.compile(r"[^\W_](?=\s)")  # a letter or digit with whitespace after it
+
+
 def _cut_at_space(text: str, limit: int) -> str:
-    """``text`` up to its last whitespace before ``limit`` characters (trailing whitespace dropped),
-    or all of it when it is short or has no whitespace there."""
+    """``text`` up to the last letter or digit followed by whitespace before ``limit`` characters,
+    or all of it when it is short or has no such place. Only there: every common pre-tokenizer ends
+    a unit after a word, while whitespace after punctuation may belong to it (Llama 3's ``.\n\n``)."""
     if len(text) <= limit:
         return text
-    head = text[:limit]
-    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
-    return head[:space].rstrip() if space > 0 and head[:space].strip() else text
+    ends = [m.end() for m in _WORD_END.finditer(text, 0, limit)]
+    return text[:ends[-1]] if ends else text
 
 
 @torch.inference_mode()

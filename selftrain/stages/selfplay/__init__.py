@@ -201,7 +201,7 @@ class SelfplayStage(Stage):
         chat = use_chat(config.chat, tokenizer)
         # each process of a launch plays problems of its own (rank 0 those of a single process):
         # alike, every rank would sample the same rollouts and the extra processes would add nothing
-        env_seed = state.seed + 7919 * distributed.rank()
+        env_seed = state.seed + 7919 * (distributed.rank() if distributed.world_size() > 1 else 0)
         if config.env == "tasks":
             from selftrain.stages.selfplay.proposer_solver import (
                 ProposerSolverEnv,
