@@ -19,6 +19,7 @@ import math
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,8 +86,6 @@ def prepare_corpus(cfg: DataConfig, seed: int, work_dir: Path | None = None
     The split is by a seeded hash of each document, so it does not depend on load order, and
     exact duplicates are removed first (the first copy is kept) so no text sits on both sides.
     """
-    import tempfile
-
     with tempfile.TemporaryDirectory() if work_dir is None else _made(work_dir) as folder:
         folder = Path(folder)
         kw = dict(text_column=cfg.text_column, hf_split=cfg.hf_split, paragraphs=cfg.paragraphs)
@@ -171,11 +170,12 @@ def _first_copies(keys: np.ndarray) -> np.ndarray:
 def _write_side(docs: datasets.Dataset, rows: np.ndarray, origin: str, path: Path, in_memory: bool):
     """The pool rows (with provenance) of ``docs[rows]``; returns (dataset, characters)."""
     chars = 0
+    texts_of = docs.select_columns(["text"])
 
     def batches():
         nonlocal chars
         for i in range(0, len(rows), 1000):
-            texts = docs.select_columns(["text"])[rows[i:i + 1000].tolist()]["text"]
+            texts = texts_of[rows[i:i + 1000].tolist()]["text"]
             chars += sum(map(len, texts))
             yield from batches_of(make_examples(texts, origin=origin, op="original", stage="data", round=0))
 
@@ -234,13 +234,15 @@ class Pool:
                 if origin is None or r["origin"] == origin:
                     yield {**r, "meta": json.loads(r["meta"] or "{}")}
 
+    def positions(self, origin: str) -> np.ndarray:
+        """Row positions of one origin, found on the Arrow column (no row is read as Python)."""
+        origins = self.ds.with_format("arrow")["origin"]
+        return np.flatnonzero(pc.equal(origins, origin).to_numpy(zero_copy_only=False))
+
     def text_view(self, origin: str | None = None) -> Sequence[str]:
         """The texts (of one origin) as a lazy sequence: index, slice, sample or iterate it; it is
         read from the memory-mapped pool as needed, never copied whole."""
-        if origin is None:
-            return self.ds["text"]
-        origins = self.ds.with_format("arrow")["origin"]
-        return self.ds.select(np.flatnonzero(pc.equal(origins, origin).to_numpy(zero_copy_only=False)))["text"]
+        return self.ds["text"] if origin is None else self.ds.select(self.positions(origin))["text"]
 
     def n_synthetic(self) -> int:
         return int(pc.sum(pc.not_equal(self.ds.with_format("arrow")["origin"], "real")).as_py() or 0)

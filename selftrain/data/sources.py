@@ -31,16 +31,9 @@ READ_BYTES = 1 << 20
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
-def load_documents(
-    specs: str | list[str],
-    *,
-    text_column: str = "text",
-    hf_split: str = "train",
-    paragraphs: bool = True,
-) -> list[tuple[str, str]]:
-    """Return ``(source, text)`` pairs from every spec, in a deterministic order (small inputs:
-    ``iter_documents`` streams)."""
-    return list(iter_documents(specs, text_column=text_column, hf_split=hf_split, paragraphs=paragraphs))
+def load_documents(specs: str | list[str], **options) -> list[tuple[str, str]]:
+    """``iter_documents`` as a list (small inputs: task files, a bench's texts)."""
+    return list(iter_documents(specs, **options))
 
 
 def iter_documents(

@@ -124,14 +124,11 @@ class ClusterStage(Stage):
         started = time.perf_counter()
         duplicate: dict[int, int] = {}
         kinds: dict[str, int] = {}
+        found = dedup.exact_duplicates(normalised(), normalised=True)  # the pass that also finds empty texts
         if config.dedup.exact:
-            found = dedup.exact_duplicates(normalised(), normalised=True)
             found = {i: j for i, j in found.items() if i not in empty}
             duplicate.update(found)
             kinds["exact"] = len(found)
-        else:
-            for _ in normalised():
-                pass
         if config.dedup.near is not None:
             found = dedup.near_duplicates(stream(), threshold=config.dedup.near, num_perm=config.dedup.num_perm,
                                           unit=config.dedup.shingle, n=config.dedup.shingle_size,
@@ -142,7 +139,7 @@ class ClusterStage(Stage):
 
         # 2. embed and cluster the distinct texts
         kept = [i for i in range(len(texts)) if i not in duplicate and i not in empty]
-        kept_rows = np.array(kept, dtype=np.int64)
+        kept_ds = ds.select(kept)
         embedder = resolve_embedder(config.embedder)
         needs_model = embedder == "model" or config.word_categories is not None
         model, tokenizer = state.load_model() if needs_model else (None, None)  # not loaded when nothing uses it
@@ -151,11 +148,11 @@ class ClusterStage(Stage):
         precision = resolve_precision(config.precision, state.device)
         started = time.perf_counter()
         # written to a memory-mapped file as they are made (removed at the end of the stage)
-        vectors = embed_stream(encoder, encoder_tok, text_batches(ds.select(kept_rows), size=4096), len(kept),
+        vectors = embed_stream(encoder, encoder_tok, text_batches(kept_ds, size=4096), len(kept),
                                state.stage_dir / "embeddings.npy", max_length=config.max_length,
                                max_tokens=config.max_batch_tokens, precision=precision)
         embed_seconds = time.perf_counter() - started
-        found = find_clusters(vectors, ds.select(kept_rows)["text"], config, state.seed)
+        found = find_clusters(vectors, kept_ds["text"], config, state.seed)
         label = dict(zip(kept, found.labels.tolist()))
 
         # 3. semantic duplicates: near in meaning, inside one cluster

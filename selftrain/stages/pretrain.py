@@ -18,7 +18,6 @@ import shutil
 from typing import ClassVar, Literal
 
 import numpy as np
-import pyarrow.compute as pc
 from pydantic import Field
 
 from selftrain.data.arrowfile import text_batches
@@ -70,8 +69,7 @@ class PretrainStage(Stage):
         objective = self.objective(config, state.kind)
         model, tokenizer = state.load_model()
         ds = state.pool.ds
-        rows = np.arange(len(ds)) if config.data == "pool" else np.flatnonzero(
-            pc.equal(ds.with_format("arrow")["origin"], "real").to_numpy(zero_copy_only=False))
+        rows = np.arange(len(ds)) if config.data == "pool" else state.pool.positions("real")
         trainer_dir = state.stage_dir / "trainer"
         given = "order" in config.model_fields_set
         options = inherited_order(config.order, given, state.artefacts)
