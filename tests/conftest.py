@@ -72,3 +72,23 @@ def pretrain(**kw) -> dict:
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def pool_lists_refused(monkeypatch):
+    """``Pool.texts`` and ``Pool.rows`` (every row as a Python list) raise when a stage calls them:
+    stages stream the memory-mapped pool, so a corpus larger than memory fits through them. The
+    runner may still call them (a small held-out set)."""
+    import inspect
+
+    from selftrain.data.pool import Pool
+
+    def refused(reader):
+        def guarded(self, *args, **kwargs):
+            if any("/selftrain/stages/" in frame.filename for frame in inspect.stack()):
+                raise AssertionError(f"a stage read the whole pool with Pool.{reader.__name__}")
+            return reader(self, *args, **kwargs)
+        return guarded
+
+    for reader in (Pool.texts, Pool.rows):
+        monkeypatch.setattr(Pool, reader.__name__, refused(reader))

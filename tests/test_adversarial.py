@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import MICRO_ARCH, make_corpus, micro_config, pretrain
+from datasets import Dataset
 from safetensors.torch import load_file
 
 import selftrain.stages.adversarial as adversarial
@@ -145,8 +146,8 @@ def test_an_empty_sample_is_never_real(micro):
     assert scores[:2] == [0.0, 0.0] and 0 < scores[2] < 1
     # with a real prefix as the prompt, an empty completion is still no sample (not the bare prefix)
     tok = micro[2]
-    env = adversarial.AdversarialEnv(tok, [{"id": "a", "text": TEXTS[0]}], AdversarialConfig(prompt="prefix",
-                                                                                            prefix_tokens=4), seed=0)
+    env = adversarial.AdversarialEnv(tok, Dataset.from_list([{"id": "a", "text": TEXTS[0]}]),
+                                     AdversarialConfig(prompt="prefix", prefix_tokens=4), seed=0)
     ids = tok(TEXTS[0], add_special_tokens=False)["input_ids"]
     assert env._windows([ids[:4], ids[:4]], [[tok.eos_token_id], ids[4:8]]) == ["", tok.decode(ids[:8])]
 
@@ -161,7 +162,7 @@ def test_under_the_game_the_generators_discriminator_score_rises(micro, tmp_path
     torch.manual_seed(0)
     result = AdversarialStage().run(state, config)
     disc = Discriminator.load(result.auxiliary["discriminator"])
-    env = adversarial.AdversarialEnv(micro[2], state.pool.rows("real"), config, seed=0)
+    env = adversarial.AdversarialEnv(micro[2], adversarial.real_rows(state.pool), config, seed=0)
     trained, _ = load_checkpoint(result.checkpoint, "causal")
     # 1,024 samples each: the effect is a few hundredths of probability, 128 samples are too noisy
     before = np.mean([disc.p_real(env.sample(micro[1], 512, seed=s)[0]).mean() for s in (1, 2)])
@@ -232,7 +233,7 @@ def test_collapse_in_the_first_round_is_handed_to_the_guard(tmp_path, monkeypatc
 
 
 # ---------------------------------------------------------------------- through the runner
-def test_approved_samples_carry_provenance_and_respect_the_synthetic_cap(tmp_path):
+def test_approved_samples_carry_provenance_and_respect_the_synthetic_cap(tmp_path, pool_lists_refused):
     adv = {**SMALL, "rounds": 1, "prompt": "prefix", "prefix_tokens": 4, "synthesize": 48, "keep_fraction": 0.5}
     manifest = _run(tmp_path, [pretrain(), {"adversarial": adv}], guard={"tolerance": 10.0, "max_synthetic_fraction": 0.02})
     entry = manifest["stages"][1]

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 import selftrain.training.curriculum as curriculum_mod
 from selftrain.config import ModelConfig, config_from_dict
 from selftrain.data.pacing import PacedSampler, PacingOptions, competence, length_at, rank_rows
+from selftrain.data.packing import pack_texts
 from selftrain.data.pool import Pool
 from selftrain.errors import SelftrainError
 from selftrain.evaluation import difficulty as scorers
@@ -271,8 +272,8 @@ def test_the_trainer_is_fed_only_the_open_blocks(micro, tmp_path):
     paced_lm_train(model, tok, texts, difficulty, opts, pacing, block_size=32, objective="clm",
                    out_dir=tmp_path / "t", seed=0, device="cpu", callbacks=[spy])
     sorted_texts, sorted_difficulty = sorted_by(texts, difficulty)
-    blocks = [tuple(b) for b in curriculum_mod.pack_texts(sorted_texts, tok, 32)["input_ids"]]
-    reference = PacedSampler(curriculum_mod.block_values(sorted_texts, sorted_difficulty, tok, 32), pacing,
+    blocks = [tuple(b) for b in pack_texts(sorted_texts, tok, 32)["input_ids"]]
+    reference = PacedSampler(pack_texts(sorted_texts, tok, 32, values=sorted_difficulty)["value"], pacing,
                              total_steps=8, per_step=8, seed=0)
     ranking, _ = reference.ranking_at(0)
     assert sorted(spy.seen) == list(range(8)) and all(len(rows) == 8 for rows in spy.seen.values())
@@ -317,7 +318,8 @@ def test_a_killed_self_paced_run_resumes_with_its_rescored_ranking(micro, tmp_pa
     resumed = train("resumed", "cut")
     assert resumed["resumed_from_step"] == 5
     monkeypatch.setattr(PacedSampler, "draw", draw)
-    first_ranking = PacedSampler(curriculum_mod.block_values(*sorted_by(texts, difficulty), tok, 32), pacing,
+    sorted_texts, sorted_difficulty = sorted_by(texts, difficulty)
+    first_ranking = PacedSampler(pack_texts(sorted_texts, tok, 32, values=sorted_difficulty)["value"], pacing,
                                  total_steps=12, per_step=4, seed=0)
     assert draws["whole"][7] != first_ranking.draw(7)  # re-ranked from step 7
     assert [draws["resumed"][t] for t in range(5, 12)] == [draws["whole"][t] for t in range(5, 12)]

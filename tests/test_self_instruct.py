@@ -56,7 +56,7 @@ class ScriptedBackend:
         return [" An answer to: " + p.split("Instruction: ")[-1].split("\n")[0] for p in prompts]
 
 
-def test_self_instruct_stage_keeps_only_novel_pairs_with_provenance(tmp_path, corpus_file, monkeypatch):
+def test_self_instruct_stage_keeps_only_novel_pairs_with_provenance(tmp_path, corpus_file, monkeypatch, pool_lists_refused):
     monkeypatch.setattr(self_instruct, "TransformersBackend", ScriptedBackend)
     stage = {"self_instruct": {"seed_tasks": [{"instruction": "Write a short poem about the sea.",
                                                 "response": "Waves fold grey light."}],

@@ -459,7 +459,7 @@ def test_stage_dialogue_env_with_model_openers(tmp_path):
     assert entry["stage_metrics"]["env/conversations_started_total"] >= 2
 
 
-def test_stage_spin_makes_real_vs_own_pairs(tmp_path):
+def test_stage_spin_makes_real_vs_own_pairs(tmp_path, pool_lists_refused):
     entry, stage_dir = _run(tmp_path, {"env": "spin", "num_prompts": 8, "max_steps": 2, "batch_size": 4,
                                        "prefix_tokens": 8, "continuation_tokens": 8, "precision": "fp32",
                                        "learning_rate": 1e-4})

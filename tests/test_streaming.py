@@ -203,3 +203,142 @@ def test_texts_cut_before_embedding_tokenise_as_the_whole_text():
     for tok in (bert, train_tokenizer(base, 300), llama3):
         for max_length in (8, 32):
             assert token_ids(tok, texts, max_length) == tok(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def test_blocks_carry_the_token_weighted_mean_of_their_texts_values(tmp_path):
+    texts = make_corpus(80).split("\n\n")
+    tok = train_tokenizer(texts, 320)
+    values = [None if i % 7 == 0 else float(i % 5) for i in range(len(texts))]
+    uneven = [(0, 1), (1, 30), (30, 31), (31, len(texts))]  # batch edges fall anywhere
+    blocks = pack_batches((texts[a:b] for a, b in uneven), tok, 32, path=tmp_path / "blocks.arrow",
+                          value_batches=(values[a:b] for a, b in uneven))
+    # by hand: every token (and the EOS after each text) carries its text's value
+    per_token = [v for t, v in zip(texts, values) for _ in range(len(tok(t, add_special_tokens=False)["input_ids"]) + 1)]
+    for b, got in enumerate(blocks["value"]):
+        known = [v for v in per_token[b * 32:(b + 1) * 32] if v is not None]
+        assert got == (pytest.approx(sum(known) / len(known)) if known else None)
+    assert blocks.cache_files and blocks["input_ids"] == pack_texts(texts, tok, 32)["input_ids"]
+    assert None in blocks["value"] or all(v is not None for v in values)
+
+
+def test_a_paced_run_reads_a_memory_mapped_pool_and_draws_what_a_list_draws(tmp_path, monkeypatch):
+    """paced_lm_train on the pool's memory-mapped rows (blocks written to a file) trains the same
+    blocks in the same steps as on a list of the texts."""
+    import datasets
+
+    from selftrain.config import ModelConfig
+    from selftrain.data.arrowfile import open_arrow, write_arrow
+    from selftrain.data.pacing import PacedSampler, PacingOptions
+    from selftrain.modeling.factory import build_initial
+    from selftrain.training.curriculum import paced_lm_train
+    from selftrain.training.lm import LMOptions
+    from tests.conftest import MICRO_ARCH
+
+    texts = make_corpus(80).split("\n\n")
+    tok = train_tokenizer(texts, 320)
+    difficulty = [None if i % 9 == 0 else float(len(t) % 13) for i, t in enumerate(texts)]
+    write_arrow(tmp_path / "rows.arrow", datasets.Features({"text": datasets.Value("string")}), [{"text": texts}])
+    rows = open_arrow(tmp_path / "rows.arrow")
+    draws: dict[str, list] = {}
+    draw = PacedSampler.draw
+
+    def run(name, source, **kw):
+        def recording(self, step):
+            draws.setdefault(name, []).append((step, draw(self, step)))
+            return draws[name][-1][1]
+        monkeypatch.setattr(PacedSampler, "draw", recording)
+        model = build_initial(ModelConfig(preset="tiny", vocab_size=320, architecture=MICRO_ARCH), texts, 0)[0]
+        return paced_lm_train(model, tok, source, difficulty, LMOptions(max_steps=6, batch_size=4, save_steps=1000),
+                              PacingOptions(pacing="linear", c0=0.2, ramp=1.0, rescore_every=2), block_size=32,
+                              objective="clm", out_dir=tmp_path / name, seed=0, device="cpu", **kw)[1]
+
+    listed = run("list", texts)
+    mapped = run("mapped", rows, blocks_path=tmp_path / "blocks.arrow")
+    assert rows.cache_files and (tmp_path / "blocks.arrow").is_file()  # the caller removes it
+    assert draws["mapped"] == draws["list"] and len(draws["list"]) == 6
+    assert mapped["blocks"] == listed["blocks"] and mapped["rescored_at"] == listed["rescored_at"] == [2]
+    assert mapped["block_difficulty"] == listed["block_difficulty"]
+
+
+def test_approval_finds_copies_by_streaming_the_pool_past_the_samples():
+    """A sample equal to any pool text, or the beginning of a real one, is a copy; the beginning of
+    a synthetic text or a text that only starts like a real one is not."""
+    from selftrain.data.pool import make_examples, to_dataset
+    from selftrain.stages.adversarial import copies_in_pool
+
+    real = ["The river  runs north\nto the sea in spring.", "Bread rises in a warm oven."]
+    synthetic = ["A made-up sentence about clouds."]
+    pool = Pool(to_dataset(make_examples(real, origin="real", op="source", stage="data", round=0)
+                           + make_examples(synthetic, origin="augment", op="synonym", stage="s", round=1)))
+    candidates = {"The river runs north", "Bread rises in a warm oven.", "A made-up sentence about clouds.",
+                  "A made-up sentence", "Bread rises in a warm oven. And more", "The river runs south"}
+    assert copies_in_pool(candidates, pool) == {"The river runs north", "Bread rises in a warm oven.",
+                                                 "A made-up sentence about clouds."}
+
+
+def test_spin_reads_only_the_texts_it_draws():
+    """SPIN finds the long-enough texts in one chunked pass, then reads only its drawn prompts."""
+    from types import SimpleNamespace
+
+    from selftrain.stages.selfplay.preference import long_enough, spin_pairs
+
+    class Counted(list):
+        reads: list = []
+
+        def __getitem__(self, key):
+            if isinstance(key, int):
+                self.reads.append(key)
+            return super().__getitem__(key)
+
+    texts = Counted(make_corpus(60).split("\n\n"))
+    tok = train_tokenizer(texts, 320)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    need = sorted(lengths)[len(lengths) // 2]
+    config = SimpleNamespace(prefix_tokens=8, continuation_tokens=need - 8, num_prompts=3, temperature=1.0,
+                             generation_batch_size=4)
+    eligible = long_enough(tok, texts, config)
+    assert eligible == [i for i, n in enumerate(lengths) if n >= need] and 0 < len(eligible) < len(texts)
+    Counted.reads.clear()
+    pairs, stats = spin_pairs(micro_lm(tok), tok, texts, eligible, config, seed=0)
+    assert stats["prefixes"] == 3 and len(Counted.reads) == 3 and set(Counted.reads) <= set(eligible)
+
+
+def test_no_stage_reads_the_whole_pool_as_a_list(tmp_path, monkeypatch, pool_lists_refused):
+    """curriculum (scoring and paced training), a pretrain paced by it and augment run with the
+    pool's list readers refused to any caller inside a stage; their block files are removed after.
+    (The adversarial, self_instruct and SPIN run tests use the same guard.)"""
+    from selftrain.config import config_from_dict
+    from selftrain.runner import Runner
+    from selftrain.stages import augment as augment_stage
+    from tests.conftest import micro_config, pretrain
+
+    monkeypatch.setattr(augment_stage, "wordnet_dir", lambda: None)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(120))
+    cfg = micro_config(tmp_path / "run", corpus, [
+        {"augment": {"ops": ["swap", "delete"], "max_per_source": 1, "filters": {"similarity": None, "perplexity_ratio": None}}},
+        {"curriculum": {"difficulty": ["length", "rarity", "self_loss"], "max_steps": 4, "block_size": 32,
+                        "batch_size": 4, "rescore_every": 2}},
+        pretrain(max_steps=3)], guard={"tolerance": 10.0})
+    manifest = Runner(config_from_dict(cfg)).run()
+    assert [s["status"] for s in manifest["stages"]] == ["accepted"] * 3, [s.get("reason") for s in manifest["stages"]]
+    assert manifest["stages"][2]["stage_metrics"]["order"] == "paced"
+    assert not list((tmp_path / "run").rglob("blocks.arrow"))
+
+
+def test_real_blocks_stop_at_the_text_that_fills_the_limit():
+    """The MLE term's blocks: texts read a thousand at a time, but the stream ends with the text
+    that crosses ``limit`` blocks, as when every text was tokenised at once (the MLE draws depend on
+    how many blocks there are)."""
+    from selftrain.stages.adversarial import real_blocks
+
+    texts = make_corpus(1500).split("\n\n")
+    tok = train_tokenizer(texts[:200], 320)
+    stream: list[int] = []
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:  # the reference: one text at a time
+        stream += ids + [tok.eos_token_id]
+        if len(stream) >= 16 * 30:
+            break
+    expected = [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)]
+    assert real_blocks(tok, texts, 16, limit=30) == expected and 30 <= len(expected) < 40
+    assert len(real_blocks(tok, texts, 16, limit=10**6)) > 1000  # past the first thousand texts

@@ -45,7 +45,7 @@ def column_values(ds: datasets.Dataset, column: str, rows: Sequence[int] | None 
     if column not in ds.column_names:
         raise SelftrainError(f"order.column {column!r} is not a pool column; the pool has "
                              f"{', '.join(ds.column_names)} (annotation columns come from earlier stages)")
-    values = list(ds[column])
+    values = ds[column][:]  # one batch read (iterating a lazy column reads row by row)
     return values if rows is None else [values[i] for i in rows]
 
 

@@ -7,10 +7,12 @@ Causal LM: documents joined by EOS, cut into ``block_size`` tokens. Masked LM: c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
 from tqdm.auto import tqdm
 
 from selftrain.data.arrowfile import open_arrow, write_arrow
@@ -30,17 +32,24 @@ def count_tokens(texts: Sequence[str], tokenizer, at_least: int | None = None) -
     return n
 
 
-def pack_texts(texts: Sequence[str], tokenizer, block_size: int, objective: str = "clm") -> datasets.Dataset:
+def pack_texts(texts: Sequence[str], tokenizer, block_size: int, objective: str = "clm",
+               values: Sequence[float | None] | None = None) -> datasets.Dataset:
     """``texts`` packed into blocks, in memory (see ``pack_batches`` for a corpus on disk)."""
     return pack_batches((list(texts[i:i + 2000]) for i in range(0, len(texts), 2000)), tokenizer, block_size,
-                        objective)
+                        objective, value_batches=None if values is None else
+                        (list(values[i:i + 2000]) for i in range(0, len(values), 2000)))
 
 
 def pack_batches(text_batches: Iterable[list[str]], tokenizer, block_size: int, objective: str = "clm",
-                 path: Path | None = None) -> datasets.Dataset:
+                 path: Path | None = None,
+                 value_batches: Iterable[list[float | None]] | None = None) -> datasets.Dataset:
     """Tokenise batches of documents and cut one continuous stream into blocks, so no tokens are
     lost at batch edges. With ``path`` the blocks are written there as they are made and come back
-    memory-mapped (a corpus larger than memory); without, they are kept in memory."""
+    memory-mapped (a corpus larger than memory); without, they are kept in memory.
+
+    ``value_batches`` (a number or None for each text, batched as the texts) adds the column
+    ``value``: the token-weighted mean of the values of the texts each block holds (None where
+    none has one), as a text's difficulty carries over to the packed rows a curriculum trains."""
     if objective == "mlm":
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise SelftrainError("masked LM packing needs a tokenizer with CLS and SEP tokens")
@@ -51,27 +60,41 @@ def pack_batches(text_batches: Iterable[list[str]], tokenizer, block_size: int, 
             raise SelftrainError("causal LM packing needs a tokenizer with an EOS token")
         body, head, tail, sep = block_size, [], [], tokenizer.eos_token_id
     seen = 0
+    features = BLOCK_FEATURES if value_batches is None else datasets.Features(
+        {**BLOCK_FEATURES, "value": datasets.Value("float64")})
+    batches = ((texts, None) for texts in text_batches) if value_batches is None else \
+        zip(text_batches, value_batches, strict=True)
 
     def blocks():
         nonlocal seen
         stream: list[int] = []
+        token_values: list[float] = []  # each token carries its text's value (NaN: none)
         # large batches: the fast tokenizer parallelises inside each call
-        for texts in tqdm(text_batches, desc="packing", unit=" batches", leave=False):
-            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for texts, values in tqdm(batches, desc="packing", unit=" batches", leave=False):
+            for k, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
                 stream += ids
                 stream.append(sep)
+                if values is not None:
+                    token_values += [math.nan if values[k] is None else float(values[k])] * (len(ids) + 1)
             n = len(stream) // body
             if n:
-                yield {"input_ids": [head + stream[i * body:(i + 1) * body] + tail for i in range(n)]}
+                batch = {"input_ids": [head + stream[i * body:(i + 1) * body] + tail for i in range(n)]}
+                if values is not None:
+                    batch["value"] = block_means(np.array(token_values[:n * body], dtype=np.float64).reshape(n, body))
+                    token_values = token_values[n * body:]
+                yield batch
                 seen += n * body
                 stream = stream[n * body:]
         seen += len(stream)
 
     if path is None:
-        rows = [ids for batch in blocks() for ids in batch["input_ids"]]
-        packed = datasets.Dataset.from_dict({"input_ids": rows}, features=BLOCK_FEATURES)
+        columns: dict[str, list] = {name: [] for name in features}
+        for batch in blocks():
+            for name in columns:
+                columns[name] += batch[name]
+        packed = datasets.Dataset.from_dict(columns, features=features)
     else:
-        write_arrow(path, BLOCK_FEATURES, blocks())
+        write_arrow(path, features, blocks())
         packed = open_arrow(path)
     if len(packed) == 0:
         raise SelftrainError(
@@ -81,20 +104,8 @@ def pack_batches(text_batches: Iterable[list[str]], tokenizer, block_size: int, 
     return packed
 
 
-def block_values(texts: list[str], values: list[float | None], tokenizer, block_size: int,
-                 objective: str = "clm") -> list[float | None]:
-    """For the blocks ``pack_texts(texts, ...)`` makes, the token-weighted mean of the ``values`` of
-    the texts each block holds (None where no text in the block has a value): a text's difficulty
-    carried to the packed rows a curriculum actually trains."""
-    import numpy as np
-
-    body = block_size - 2 if objective == "mlm" else block_size
-    lengths = [len(ids) + 1 for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-    per_token = np.repeat(np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64), lengths)
-    n = len(per_token) // body
-    if n == 0:
-        return []
-    blocks = per_token[:n * body].reshape(n, body)
-    known = ~np.isnan(blocks)
-    sums, counts = np.where(known, blocks, 0.0).sum(1), known.sum(1)
+def block_means(token_values: np.ndarray) -> list[float | None]:
+    """Each row's mean over its known (not NaN) values; None for a row with none."""
+    known = ~np.isnan(token_values)
+    sums, counts = np.where(known, token_values, 0.0).sum(1), known.sum(1)
     return [float(s / c) if c else None for s, c in zip(sums, counts)]

@@ -16,6 +16,7 @@ Filters run cheapest first and each sees only what the previous ones kept.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -65,13 +66,17 @@ def duplicate_filter(judged: Judged, references: Sequence[str], variants: Sequen
     """Variants that copy a reference (an original text) or an earlier kept variant: equal after
     normalisation, or (``threshold`` not None) a MinHash near copy. Variants in ``exact_only`` (those
     of order-changing operations, whose shingles are their source's by construction) face only the
-    exact test."""
+    exact test. The references are streamed (twice with ``threshold``), never copied: they may be
+    a pool larger than memory."""
     alive = judged.alive()
-    texts = list(references) + [variants[i] for i in alive]
-    found = dict(dedup.exact_duplicates(texts))
+
+    def texts():
+        return itertools.chain(references, (variants[i] for i in alive))
+
+    found = dict(dedup.exact_duplicates(texts()))
     if threshold is not None:
         shielded = {len(references) + k for k, i in enumerate(alive) if i in (exact_only or set())}
-        found.update(dedup.near_duplicates(texts, threshold=threshold, skip=set(found) | shielded, seed=seed))
+        found.update(dedup.near_duplicates(texts(), threshold=threshold, skip=set(found) | shielded, seed=seed))
     for position in sorted(found):
         if position >= len(references):
             judged.reject(alive[position - len(references)], "duplicate")

@@ -28,22 +28,23 @@ with it). Plots: ``adversarial.png``.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import math
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from transformers import TrainerCallback
 
 from selftrain import distributed
-from selftrain.data.pool import make_examples
+from selftrain.data.pool import Pool, make_examples
 from selftrain.errors import SelftrainError
 from selftrain.evaluation.diversity import distinct_n, self_bleu, words
 from selftrain.evaluation.perplexity import heldout_perplexity
@@ -138,7 +139,7 @@ class AdversarialStage(Stage):
         console = Console(stderr=True)
         model, tokenizer = state.load_model()
         game_dir = state.stage_dir / "game"
-        rows = [r for r in state.pool.rows("real") if r["text"].strip()]
+        rows = real_rows(state.pool)
         env = AdversarialEnv(tokenizer, rows, config, seed=state.seed)
         if len(env.real_windows) < config.discriminator.calibration_texts + 2:
             raise SelftrainError(f"adversarial: {len(env.real_windows)} real texts, but the discriminator holds "
@@ -177,7 +178,7 @@ class AdversarialStage(Stage):
             game["resumed_from_round"] = game["round"]
         mle = None
         if config.mle_weight > 0:
-            mle = MLETerm(blocks=real_blocks(tokenizer, [r["text"] for r in rows], config.mle_block_size),
+            mle = MLETerm(blocks=real_blocks(tokenizer, rows["text"], config.mle_block_size),
                           weight=config.mle_weight, seed=state.seed)
         base = game["rounds"][0]
         while game["round"] < config.rounds and "collapse" not in game:
@@ -221,7 +222,7 @@ class AdversarialStage(Stage):
         disc = Discriminator.load(folder / "discriminator")
         disc.model.to(state.device)
         approved, synthesis = ([], {"sampled": 0, "kept": 0}) if handed_to_guard else approve(
-            model.to(state.device), disc, env, config, seed=state.seed, pool_texts=state.pool.texts())
+            model.to(state.device), disc, env, config, seed=state.seed, pool=state.pool)
         additions = make_examples([a["text"] for a in approved], origin="adversarial", op="approved",
                                   stage=state.stage_key, round=state.round,
                                   parent_ids=[a["parent_id"] for a in approved],
@@ -275,19 +276,18 @@ class AdversarialEnv(EnvMetrics):
     """What the generator plays: prompts (nothing, or a real prefix), samples, the windows the
     discriminator judges. Keeps the latest rollout's windows for the discriminator's turn."""
 
-    def __init__(self, tokenizer, rows: list[dict], config: AdversarialConfig, seed: int):
+    def __init__(self, tokenizer, rows: datasets.Dataset, config: AdversarialConfig, seed: int):
         super().__init__()
         self.tok, self.config, self.rng = tokenizer, config, random.Random(seed)
         self.prefix = config.prefix_tokens if config.prompt == "prefix" else 0
         self.window_tokens = self.prefix + config.completion_tokens
-        shuffled = rows[:]
-        random.Random(seed).shuffle(shuffled)
-        shuffled = shuffled[:20000]  # plenty for the discriminator; bounds tokenising time
-        ids = tokenizer([r["text"] for r in shuffled], add_special_tokens=False)["input_ids"]
-        keep = [(r, t) for r, t in zip(shuffled, ids) if len(t) > self.prefix]
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)  # the draw a shuffle of the rows themselves makes
+        drawn = rows.select_columns(["id", "text"])[order[:20000]]  # plenty for the discriminator; bounds tokenising
+        ids = tokenizer(drawn["text"], add_special_tokens=False)["input_ids"]
+        keep = [(i, t) for i, t in zip(drawn["id"], ids) if len(t) > self.prefix]
         self.real_windows = [tokenizer.decode(t[:self.window_tokens], skip_special_tokens=True) for _, t in keep]
-        self.prefixes = [(r["id"], tokenizer.decode(t[:self.prefix], skip_special_tokens=True)) for r, t in keep]
-        self.real_texts = [r["text"] for r in rows]  # every real row, for the approval's copy check
+        self.prefixes = [(i, tokenizer.decode(t[:self.prefix], skip_special_tokens=True)) for i, t in keep]
         self.fresh: list[str] = []
 
     def _prompts(self, n: int, rng: random.Random) -> tuple[list[str], list[str | None]]:
@@ -364,13 +364,26 @@ def grpo_options(config: AdversarialConfig) -> GRPOOptions:
                        generation_batch_size=config.generation_batch_size, precision=config.precision)
 
 
-def real_blocks(tokenizer, texts: list[str], block_size: int, limit: int = 4096) -> list[list[int]]:
-    """Consecutive ``block_size``-token blocks of the real texts (EOS between texts), at most ``limit``."""
+def real_rows(pool: Pool) -> datasets.Dataset:
+    """The pool's real rows that hold text: a selection of the memory-mapped pool, not a copy."""
+    positions, texts = pool.positions("real"), pool.ds.select_columns(["text"])
+    keep = [int(p) for i in range(0, len(positions), 1000)
+            for p, t in zip(positions[i:i + 1000], texts[positions[i:i + 1000].tolist()]["text"]) if t.strip()]
+    return pool.ds.select(keep)
+
+
+def real_blocks(tokenizer, texts: Sequence[str], block_size: int, limit: int = 4096) -> list[list[int]]:
+    """Consecutive ``block_size``-token blocks of the real texts (EOS between texts), read a thousand
+    texts at a time until they fill ``limit`` blocks (the text that crosses the limit is kept whole)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream += ids + ([eos] if eos is not None else [])
-        if len(stream) >= block_size * limit:
+    full = block_size * limit
+    for i in range(0, len(texts), 1000):
+        for ids in tokenizer(list(texts[i:i + 1000]), add_special_tokens=False)["input_ids"]:
+            stream += ids + ([eos] if eos is not None else [])
+            if len(stream) >= full:
+                break
+        if len(stream) >= full:
             break
     blocks = [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
     if not blocks:
@@ -435,16 +448,16 @@ def load_game(game_dir: Path) -> dict | None:
 
 # ---------------------------------------------------------------------- approved samples
 def approve(model, disc: Discriminator, env: AdversarialEnv, config: AdversarialConfig, *, seed: int,
-            pool_texts: list[str]) -> tuple[list[dict], dict]:
+            pool: Pool) -> tuple[list[dict], dict]:
     """The samples the discriminator finds most real, down to ``keep_fraction``, each adding enough
-    unseen word pairs (the diversity floor) and none a copy of a pool text or of another."""
+    unseen word pairs (the diversity floor) and none a copy of a pool text, the beginning of a real
+    text, or a copy of another."""
     if config.synthesize == 0:
         return [], {"sampled": 0, "kept": 0}
     texts, completions, parents = env.sample(model, config.synthesize, seed=seed + 777)
     scores = disc.p_real(texts)
     target = max(1, round(config.keep_fraction * len(texts)))
-    known = {" ".join(t.split()) for t in pool_texts}
-    real_starts = sorted(" ".join(t.split()) for t in env.real_texts)  # a memorised beginning of a real text is no new text
+    copies = copies_in_pool({" ".join(t.split()) for t in texts}, pool)
     seen: set[tuple[str, str]] = set()
     kept, rejected = [], {}
     for i in np.argsort(-scores, kind="stable"):
@@ -456,14 +469,14 @@ def approve(model, disc: Discriminator, env: AdversarialEnv, config: Adversarial
             reason = "empty"
         elif scores[i] < config.min_score:
             reason = "below_min_score"
-        elif " ".join(text.split()) in known or _starts_a(real_starts, " ".join(text.split())):
+        elif " ".join(text.split()) in copies:
             reason = "duplicate"
         elif not pairs or len(pairs - seen) / len(pairs) < config.min_novel_bigrams:
             reason = "not_novel"
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
-        known.add(" ".join(text.split()))
+        copies.add(" ".join(text.split()))
         seen |= pairs
         kept.append({"text": text, "score": round(float(scores[i]), 4), "parent_id": parents[i]})
     return kept, {"sampled": len(texts), "kept": len(kept), "rejected": rejected,
@@ -472,10 +485,22 @@ def approve(model, disc: Discriminator, env: AdversarialEnv, config: Adversarial
                   "kept_distinct_2": round(distinct_n([k["text"] for k in kept], 2), 4) if kept else None}
 
 
-def _starts_a(sorted_texts: list[str], text: str) -> bool:
-    """Whether ``text`` is the beginning of one of ``sorted_texts`` (or all of it)."""
-    i = bisect.bisect_left(sorted_texts, text)
-    return i < len(sorted_texts) and sorted_texts[i].startswith(text)
+def copies_in_pool(candidates: set[str], pool: Pool) -> set[str]:
+    """The ``candidates`` (whitespace-normalised samples) that equal a pool text or begin a real one
+    (a memorised beginning is no new text), found in one pass over the memory-mapped pool: the
+    samples are few, the pool may be larger than memory, so the pool is streamed past them."""
+    lengths = sorted({len(c) for c in candidates if c})
+    shortest = lengths[0] if lengths else 0
+    starts = {c[:shortest] for c in candidates}  # a real text no candidate can begin is passed at once
+    found: set[str] = set()
+    for batch in pool.ds.select_columns(["text", "origin"]).iter(batch_size=1000):
+        for text, origin in zip(batch["text"], batch["origin"]):
+            normal = " ".join(text.split())
+            if normal in candidates:
+                found.add(normal)
+            if origin == "real" and lengths and normal[:shortest] in starts:
+                found.update(start for n in lengths if n <= len(normal) and (start := normal[:n]) in candidates)
+    return found
 
 
 # ---------------------------------------------------------------------- summary and plot

@@ -406,7 +406,7 @@ class AugmentStage(Stage):
                 judged.reject(k, "duplicate")
             seen.add((i, text))
         filters.length_filter(judged, source_texts, variant_texts, min_words=f.min_words, ratio=f.length_ratio)
-        references = units if config.inputs == "labelled" else state.pool.texts()
+        references = units if config.inputs == "labelled" else state.pool.text_view()
         reordered = {k for k, c in enumerate(candidates) if c[1] in ("reorder", "invert")}
         filters.duplicate_filter(judged, references, variant_texts, threshold=f.duplicate, seed=state.seed,
                                  exact_only=reordered)

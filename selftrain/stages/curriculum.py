@@ -20,9 +20,12 @@ import json
 import shutil
 from typing import ClassVar, Literal
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from selftrain.data.order import column_values
 from selftrain.data.pacing import PacingOptions, is_constant
+from selftrain.data.pool import Pool
 from selftrain.errors import SelftrainError
 from selftrain.evaluation import difficulty as scorers
 from selftrain.modeling.chat import use_chat
@@ -96,23 +99,26 @@ class CurriculumStage(Stage):
     def run(self, state: RunState, config: CurriculumConfig) -> StageResult:
         model, tokenizer = state.load_model()
         ds = state.pool.ds
-        rows = [i for i, o in enumerate(list(ds["origin"])) if config.data == "pool" or o == "real"]
-        all_ids, all_texts = list(ds["id"]), list(ds["text"])
-        ids, texts = [all_ids[i] for i in rows], [all_texts[i] for i in rows]
+        rows = np.arange(len(ds)) if config.data == "pool" else state.pool.positions("real")
+        chosen = ds.select_columns(["id", "text"])  # memory-mapped: read a batch at a time
+        if config.data != "pool":
+            chosen = chosen.select(rows)
+        ids, texts = Pool(chosen).ids(), chosen["text"]
         cache: dict = {}  # self_loss, computed once when cluster_loss needs it too
         scores = {name: self.score(name, model, tokenizer, texts, ds, rows, config, state, cache)
                   for name in config.difficulty}
         difficulty = scores[config.difficulty[0]] if len(scores) == 1 else scorers.rank_combination(list(scores.values()))
-        known = [(d, t) for d, t in zip(difficulty, texts) if d is not None]
+        known = [i for i, d in enumerate(difficulty) if d is not None]
         if not known:
             raise SelftrainError(f"curriculum: no text got a difficulty from {', '.join(config.difficulty)}")
-        ranked = sorted(known, key=lambda p: p[0])
+        ranked = sorted(known, key=lambda i: difficulty[i])  # stable: ties keep pool order
         metrics: dict = {
             "scorers": config.difficulty, "scored": len(known), "texts": len(texts),
             "constant": is_constant(difficulty),
-            "difficulty": {"min": ranked[0][0], "max": ranked[-1][0], "mean": sum(d for d, _ in known) / len(known)},
+            "difficulty": {"min": difficulty[ranked[0]], "max": difficulty[ranked[-1]],
+                           "mean": sum(difficulty[i] for i in known) / len(known)},
             "length_rank_correlation": length_correlation(difficulty, texts, tokenizer),
-            "easiest": [t[:160] for _, t in ranked[:3]], "hardest": [t[:160] for _, t in ranked[-3:]],
+            "easiest": [t[:160] for t in texts[ranked[:3]]], "hardest": [t[:160] for t in texts[ranked[-3:]]],
         }
         result = StageResult(annotations={"difficulty": {i: d for i, d in zip(ids, difficulty) if d is not None}})
         pacing = config.pacing_options()
@@ -123,11 +129,13 @@ class CurriculumStage(Stage):
         if config.train:
             trainer_dir = state.stage_dir / "trainer"
             model, train_metrics = paced_lm_train(
-                model, tokenizer, texts, difficulty, config, pacing, block_size=config.block_size, objective="clm",
+                model, tokenizer, chosen, difficulty, config, pacing, block_size=config.block_size, objective="clm",
                 out_dir=trainer_dir, seed=state.seed, device=state.device, log=state.log,
-                stage_key=state.stage_key, report_to=state.config.run.report_to)
+                stage_key=state.stage_key, report_to=state.config.run.report_to,
+                blocks_path=state.stage_dir / "blocks.arrow")
             result.checkpoint = save_checkpoint(model, tokenizer, state.stage_dir / "model")
             shutil.rmtree(trainer_dir, ignore_errors=True)
+            (state.stage_dir / "blocks.arrow").unlink(missing_ok=True)
             result.artefacts.update(draw_curriculum(train_metrics, state.stage_dir / "competence.png",
                                                     state.stage_dir / "bucket_loss.png"))
             metrics.update(train_metrics)
@@ -154,11 +162,10 @@ class CurriculumStage(Stage):
         losses = cache["self_loss"]
         if name == "self_loss":
             return losses
-        if "cluster" not in ds.column_names:  # cluster_loss
+        if "cluster" not in ds.column_names:  # cluster_loss (checked first: its message says what to run)
             raise SelftrainError("curriculum.difficulty=cluster_loss needs the `cluster` column: run the cluster "
                                  "stage before this one")
-        clusters = list(ds["cluster"])
-        return scorers.cluster_loss(losses, [clusters[i] for i in rows])
+        return scorers.cluster_loss(losses, column_values(ds, "cluster", rows))
 
     def report(self, entry: dict) -> str:
         m = entry["stage_metrics"]

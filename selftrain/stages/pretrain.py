@@ -76,11 +76,11 @@ class PretrainStage(Stage):
         if not given and objective != "clm":  # a published pacing's LM-only options do not apply to mlm
             options = options.model_copy(update={"rescore_every": None, "length_warmup": None})
         if options.policy == "paced":
-            texts = ds.select_columns(["text"])[rows.tolist()]["text"]  # the pacer re-packs by competence
             model, metrics = paced_lm_train(
-                model, tokenizer, texts, column_values(ds, options.column, rows), config, options,
-                block_size=config.block_size, objective=objective, out_dir=trainer_dir, seed=state.seed,
-                device=state.device, log=state.log, stage_key=state.stage_key, report_to=state.config.run.report_to)
+                model, tokenizer, ds.select_columns(["text"]).select(rows), column_values(ds, options.column, rows),
+                config, options, block_size=config.block_size, objective=objective, out_dir=trainer_dir,
+                seed=state.seed, device=state.device, log=state.log, stage_key=state.stage_key,
+                report_to=state.config.run.report_to, blocks_path=state.stage_dir / "blocks.arrow")
         else:
             order = pool_order(ds, options, state.seed, rows)  # positions into rows; None: random
             if order is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable
 from typing import Literal
 
 from datasketch import MinHash, MinHashLSH
@@ -111,7 +112,7 @@ def format_problem(instruction: str, min_words: int, max_words: int) -> str | No
 class NoveltyFilter:
     """Keeps instructions unlike every kept one (ROUGE-L) and pairs unlike any pool text (MinHash)."""
 
-    def __init__(self, known: list[str], pool_texts: list[str], max_rouge_l: float, max_pool_jaccard: float):
+    def __init__(self, known: list[str], pool_texts: Iterable[str], max_rouge_l: float, max_pool_jaccard: float):
         self.known, self.max_rouge_l = list(known), max_rouge_l
         self.lsh = MinHashLSH(threshold=max_pool_jaccard, num_perm=64)
         for i, t in enumerate(pool_texts):
@@ -167,7 +168,7 @@ class SelfInstructStage(Stage):
         rng = random.Random(state.seed)
         backend = TransformersBackend(model, tokenizer, batch_size=config.batch_size)
         seeds = [s.instruction for s in config.seed_tasks]
-        novelty = NoveltyFilter(seeds, state.pool.texts(), config.max_rouge_l, config.max_pool_jaccard)
+        novelty = NoveltyFilter(seeds, state.pool.text_view(), config.max_rouge_l, config.max_pool_jaccard)
         console = Console(stderr=True)
         discriminator = discriminator_for(config.min_discriminator_score, state, "self_instruct.min_discriminator_score")
         accepted: list[dict] = []

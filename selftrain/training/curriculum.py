@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import datasets
 import torch
 from transformers import TrainerCallback
 
 from selftrain import distributed
+from selftrain.data.arrowfile import text_batches
 from selftrain.data.pacing import (
     PacedSampler,
     PacingOptions,
@@ -31,7 +33,7 @@ from selftrain.data.pacing import (
     length_at,
     rank_rows,
 )
-from selftrain.data.packing import block_values, pack_texts
+from selftrain.data.packing import pack_batches
 from selftrain.errors import SelftrainError
 from selftrain.modeling.scoring import sequence_losses
 from selftrain.training.lm import LMOptions, last_complete_checkpoint, lm_train
@@ -133,13 +135,17 @@ def schedule(options: PacingOptions, total_steps: int, block_size: int, points: 
              "length": length_at(s, total_steps, block_size, options)} for s in steps]
 
 
-def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | None], opts: LMOptions,
-                   pacing: PacingOptions, *, block_size: int, objective: str, out_dir: Path, seed: int,
-                   device: str, log: Callable[[dict], None] = lambda r: None, stage_key: str = "",
-                   report_to: str = "none", probe_every: int | None = None,
-                   callbacks: list | None = None) -> tuple[object, dict]:
+def paced_lm_train(model, tokenizer, texts: Sequence[str] | datasets.Dataset, difficulty: list[float | None],
+                   opts: LMOptions, pacing: PacingOptions, *, block_size: int, objective: str, out_dir: Path,
+                   seed: int, device: str, log: Callable[[dict], None] = lambda r: None, stage_key: str = "",
+                   report_to: str = "none", probe_every: int | None = None, callbacks: list | None = None,
+                   blocks_path: Path | None = None) -> tuple[object, dict]:
     """Train ``model`` on ``texts`` packed into blocks and drawn under ``pacing`` by ``difficulty``
-    (one value per text; None ranks last); return (model, metrics with the curriculum trace)."""
+    (one value per text; None ranks last); return (model, metrics with the curriculum trace).
+
+    ``texts`` may be a dataset with a ``text`` column (a memory-mapped pool's rows): it is read in
+    difficulty order a batch at a time, and with ``blocks_path`` the blocks are written there, so
+    a corpus larger than memory trains under a curriculum too (the caller removes the file)."""
     if len(texts) != len(difficulty):
         raise SelftrainError(f"{len(texts)} texts but {len(difficulty)} difficulties")
     check_difficulty(difficulty)
@@ -149,10 +155,13 @@ def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | 
         # workers collate apart from the trainer and draw many steps ahead of a re-score
         raise SelftrainError("length_warmup and rescore_every need the data drawn in the training process: "
                              "drop trainer_args.dataloader_num_workers")
+    docs = texts if isinstance(texts, datasets.Dataset) else datasets.Dataset.from_dict({"text": list(texts)})
     order = rank_rows(difficulty, "easy_first", seed)  # blocks of like difficulty; direction is the sampler's
-    texts, difficulty = [texts[i] for i in order], [difficulty[i] for i in order]
-    blocks = pack_texts(texts, tokenizer, block_size, objective)
-    values = block_values(texts, difficulty, tokenizer, block_size, objective)
+    packed = pack_batches(text_batches(docs.select(order), size=2000), tokenizer, block_size, objective,
+                          path=blocks_path, value_batches=([difficulty[i] for i in order[k:k + 2000]]
+                                                           for k in range(0, len(order), 2000)))
+    values = packed["value"][:]
+    blocks = packed.select_columns(["input_ids"])
     fallback = None
     if pacing.pacing != "none" and is_constant(values):
         # No ranking to follow: a "curriculum" would open arbitrary subsets. The sampler draws in
@@ -171,15 +180,18 @@ def paced_lm_train(model, tokenizer, texts: list[str], difficulty: list[float | 
     if pacing.length_warmup is not None:
         collator = LengthWarmupCollator(lambda step: length_at(step, opts.max_steps, block_size, pacing),
                                         opts.grad_accum, start_step)
-    rows = list(blocks["input_ids"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    probes = probe_rows(values, seed) if objective == "clm" else []  # by the first ranking, resumed or not
+    probes = [blocks[p]["input_ids"] for p in probe_rows(values, seed)] if objective == "clm" else []  # by the first ranking
 
     def probe(m):
-        return [sum(ls) / len(ls) for ls in (sequence_losses(m, [rows[i] for i in p], pad_id=pad) for p in probes)]
+        return [sum(ls) / len(ls) for ls in (sequence_losses(m, rows, pad_id=pad) for rows in probes)]
 
-    callback = CurriculumCallback(sampler, pacing, score=(lambda m: sequence_losses(m, rows, pad_id=pad))
-                                  if objective == "clm" else None, probe=probe if probes else None,
+    def score(m):  # every block's loss, read from the (memory-mapped) blocks a chunk at a time
+        return [loss for k in range(0, len(blocks), 4096)
+                for loss in sequence_losses(m, blocks[k:k + 4096]["input_ids"], pad_id=pad)]
+
+    callback = CurriculumCallback(sampler, pacing, score=score if objective == "clm" else None,
+                                  probe=probe if probes else None,
                                   probe_every=probe_every or max(1, opts.max_steps // 10), trace=trace, log=log,
                                   stage_key=stage_key)
     model, metrics = lm_train(model, tokenizer, blocks, opts, objective=objective, out_dir=out_dir, seed=seed,

@@ -12,6 +12,7 @@ TRL's ``DPOTrainer``, for ``rounds`` generate-then-train iterations (both papers
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import torch
 
@@ -62,28 +63,32 @@ def self_reward_pairs(model, tokenizer, config, *, chat: bool, seed: int) -> tup
 
 
 # ---------------------------------------------------------------------- spin
-def _windows(tokenizer, texts: list[str], prefix: int, cont: int) -> list[tuple[list[int], list[int]]]:
-    out = []
-    for t in texts:
-        ids = tokenizer.encode(t, add_special_tokens=False)
-        if len(ids) >= prefix + cont:
-            out.append((ids[:prefix], ids[prefix:prefix + cont]))
-    return out
+def long_enough(tokenizer, texts: Sequence[str], config) -> list[int]:
+    """Positions of the texts with at least prefix_tokens + continuation_tokens tokens (a SPIN
+    window), tokenised a thousand at a time: the texts may be a pool larger than memory."""
+    need = config.prefix_tokens + config.continuation_tokens
+    return [i + k for i in range(0, len(texts), 1000)
+            for k, ids in enumerate(tokenizer(list(texts[i:i + 1000]), add_special_tokens=False)["input_ids"])
+            if len(ids) >= need]
 
 
-def spin_pairs_possible(tokenizer, texts: list[str], config) -> None:
-    if not _windows(tokenizer, texts[:2000], config.prefix_tokens, config.continuation_tokens):
+def spin_pairs_possible(tokenizer, texts: Sequence[str], config) -> None:
+    if not long_enough(tokenizer, texts[:2000], config):
         raise SelftrainError(f"spin needs corpus texts of at least prefix_tokens + continuation_tokens = "
                              f"{config.prefix_tokens + config.continuation_tokens} tokens; none is that long "
                              "(lower them or use longer texts)")
 
 
-def spin_pairs(model, tokenizer, texts: list[str], config, *, seed: int) -> tuple[list[dict], dict]:
-    rng = random.Random(seed)
-    windows = _windows(tokenizer, texts, config.prefix_tokens, config.continuation_tokens)
-    if not windows:
+def spin_pairs(model, tokenizer, texts: Sequence[str], eligible: list[int], config, *,
+               seed: int) -> tuple[list[dict], dict]:
+    """Pairs (real continuation chosen, the model's own rejected) on ``num_prompts`` seeded windows
+    of the ``eligible`` texts (``long_enough``); only the drawn texts are read and tokenised."""
+    if not eligible:
         spin_pairs_possible(tokenizer, texts, config)
-    windows = rng.sample(windows, min(config.num_prompts, len(windows)))
+    drawn = random.Random(seed).sample(eligible, min(config.num_prompts, len(eligible)))
+    p, c = config.prefix_tokens, config.continuation_tokens
+    windows = [(ids[:p], ids[p:p + c])
+               for ids in tokenizer([texts[i] for i in drawn], add_special_tokens=False)["input_ids"]]
     prefixes = [tokenizer.decode(p) for p, _ in windows]
     backend = TransformersBackend(model, tokenizer, batch_size=config.generation_batch_size)
     own = backend.generate(prefixes, SamplingParams(max_new_tokens=config.continuation_tokens,
@@ -107,7 +112,8 @@ def dpo_options(config) -> DPOOptions:
 def dpo_selfplay(model, tokenizer, state, config, console):
     """Rounds of (make pairs, DPO); returns (model, or None if no round made a pair, records, metrics)."""
     chat = use_chat(config.chat, tokenizer)
-    texts = state.pool.texts(origin="real") if config.env == "spin" else []
+    texts = state.pool.text_view("real") if config.env == "spin" else []
+    eligible = long_enough(tokenizer, texts, config) if config.env == "spin" else []
     records: list[dict] = []
     metrics: dict = {"rounds": []}
     for rnd in range(config.rounds):
@@ -116,7 +122,7 @@ def dpo_selfplay(model, tokenizer, state, config, console):
             if config.env == "self_reward":
                 pairs, stats = self_reward_pairs(model, tokenizer, config, chat=chat, seed=seed)
             else:
-                pairs, stats = spin_pairs(model, tokenizer, texts, config, seed=seed)
+                pairs, stats = spin_pairs(model, tokenizer, texts, eligible, config, seed=seed)
         console.print(f"selfplay/{config.env} round {rnd + 1}: {stats}")
         if not pairs:
             stats["skipped"] = "no preference pairs"
