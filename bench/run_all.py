@@ -48,8 +48,8 @@ BENCHES = {
     "selfplay_arith": ("self-play on 2-digit addition (SmolLM2), vs plain TRL",
                        ["--arms", "generator,trl", "--max-steps", "2", "--eval-every", "2", "--eval-n", "20",
                         "--groups", "2", "--generations", "4", "--minutes", "1"], []),
-    "large_corpus": ("a 2 GB corpus through selftrain run (pretrain + cluster) in bounded memory",
-                     ["--quick"], []),
+    "large_corpus": ("a generated corpus through selftrain run (quick: 0.2 GB, curriculum + paced pretrain + "
+                     "cluster; full: 2 GB, pretrain + cluster) in bounded memory", ["--quick", "--curriculum"], []),
 }
 
 
