@@ -317,6 +317,16 @@ def test_bad_adversarial_configs_are_clear_errors(tmp_path, micro):
         assert not (tmp_path / "run" / "manifest.json").exists()  # refused before anything was written
 
 
+def test_a_pool_without_real_text_is_a_clear_error(tmp_path, micro):
+    """Every row synthetic (or blank): the stage says how many real texts it has, not a tokenizer's IndexError."""
+    state = direct_state(tmp_path, micro[0])
+    state.pool = Pool(to_dataset(make_examples(TEXTS[:20], origin="augment", op="swap", stage="s", round=1)
+                                 + make_examples(["   "], origin="real", op="source", stage="data", round=0)))
+    assert len(adversarial.real_rows(state.pool)) == 0
+    with pytest.raises(SelftrainError, match="0 real texts"):
+        AdversarialStage().run(state, AdversarialConfig(**SMALL))
+
+
 class ScoreByLength:
     """A stand-in discriminator: P(real) grows with the number of words."""
 

@@ -28,6 +28,7 @@ with it). Plots: ``adversarial.png``.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import math
@@ -281,10 +282,10 @@ class AdversarialEnv(EnvMetrics):
         self.tok, self.config, self.rng = tokenizer, config, random.Random(seed)
         self.prefix = config.prefix_tokens if config.prompt == "prefix" else 0
         self.window_tokens = self.prefix + config.completion_tokens
-        order = list(range(len(rows)))
+        order = array.array("q", range(len(rows)))  # 8 bytes a row
         random.Random(seed).shuffle(order)  # the draw a shuffle of the rows themselves makes
-        drawn = rows.select_columns(["id", "text"])[order[:20000]]  # plenty for the discriminator; bounds tokenising
-        ids = tokenizer(drawn["text"], add_special_tokens=False)["input_ids"]
+        drawn = rows.select_columns(["id", "text"])[list(order[:20000])]  # plenty for the discriminator
+        ids = tokenizer(drawn["text"], add_special_tokens=False)["input_ids"] if drawn["text"] else []
         keep = [(i, t) for i, t in zip(drawn["id"], ids) if len(t) > self.prefix]
         self.real_windows = [tokenizer.decode(t[:self.window_tokens], skip_special_tokens=True) for _, t in keep]
         self.prefixes = [(i, tokenizer.decode(t[:self.prefix], skip_special_tokens=True)) for i, t in keep]
@@ -367,9 +368,9 @@ def grpo_options(config: AdversarialConfig) -> GRPOOptions:
 def real_rows(pool: Pool) -> datasets.Dataset:
     """The pool's real rows that hold text: a selection of the memory-mapped pool, not a copy."""
     positions, texts = pool.positions("real"), pool.ds.select_columns(["text"])
-    keep = [int(p) for i in range(0, len(positions), 1000)
-            for p, t in zip(positions[i:i + 1000], texts[positions[i:i + 1000].tolist()]["text"]) if t.strip()]
-    return pool.ds.select(keep)
+    has_text = np.array([bool(t.strip()) for i in range(0, len(positions), 1000)
+                         for t in texts[positions[i:i + 1000].tolist()]["text"]], dtype=bool)
+    return pool.ds.select(positions[has_text])
 
 
 def real_blocks(tokenizer, texts: Sequence[str], block_size: int, limit: int = 4096) -> list[list[int]]:
@@ -457,7 +458,10 @@ def approve(model, disc: Discriminator, env: AdversarialEnv, config: Adversarial
     texts, completions, parents = env.sample(model, config.synthesize, seed=seed + 777)
     scores = disc.p_real(texts)
     target = max(1, round(config.keep_fraction * len(texts)))
-    copies = copies_in_pool({" ".join(t.split()) for t in texts}, pool)
+    # only a sample that gets as far as the copy check is looked for (a short empty or low-scoring
+    # one would let most of the pool past the prefilter of copies_in_pool)
+    copies = copies_in_pool({" ".join(t.split()) for t, c, score in zip(texts, completions, scores)
+                             if t.strip() and c.strip() and score >= config.min_score}, pool)
     seen: set[tuple[str, str]] = set()
     kept, rejected = [], {}
     for i in np.argsort(-scores, kind="stable"):
