@@ -8,7 +8,7 @@ Causal LM: documents joined by EOS, cut into ``block_size`` tokens. Masked LM: c
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -21,12 +21,22 @@ from selftrain.errors import SelftrainError
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 
 
+TOKENISE_TEXTS = 1024  # texts per tokenizer call when reading a corpus that may not fit in memory
+
+
+def token_batches(texts: Sequence[str], tokenizer) -> Iterator[list[list[int]]]:
+    """The token ids of ``texts`` (no special tokens), TOKENISE_TEXTS texts per tokenizer call:
+    ``texts`` may be a lazy column of a memory-mapped pool, read a slice at a time."""
+    for i in range(0, len(texts), TOKENISE_TEXTS):
+        yield tokenizer(list(texts[i:i + TOKENISE_TEXTS]), add_special_tokens=False)["input_ids"]
+
+
 def count_tokens(texts: Sequence[str], tokenizer, at_least: int | None = None) -> int:
-    """Tokens in ``texts`` (each followed by a separator), counted 1,000 texts at a time; with
-    ``at_least``, stop counting once that many were seen (enough to know a corpus fills a block)."""
+    """Tokens in ``texts`` (each followed by a separator); with ``at_least``, stop counting once
+    that many were seen (enough to know a corpus fills a block)."""
     n = 0
-    for i in range(0, len(texts), 1000):
-        n += sum(len(ids) + 1 for ids in tokenizer(list(texts[i:i + 1000]), add_special_tokens=False)["input_ids"])
+    for batch in token_batches(texts, tokenizer):
+        n += sum(len(ids) + 1 for ids in batch)
         if at_least is not None and n >= at_least:
             break
     return n

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from selftrain.data.packing import TOKENISE_TEXTS, token_batches
 from selftrain.modeling.chat import render_prompt
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 from selftrain.modeling.scoring import sequence_losses
@@ -33,30 +34,21 @@ from selftrain.modeling.scoring import sequence_losses
 MODEL_BASED = ("self_loss", "cluster_loss", "solve_rate")  # these ask a causal LM
 
 
-CHUNK = 1024  # texts tokenised at a time: the texts may be a memory-mapped pool larger than memory
-
-
-def token_chunks(texts: Sequence[str], tokenizer) -> Iterator[list[list[int]]]:
-    """The token ids of ``texts``, CHUNK texts at a time."""
-    for i in range(0, len(texts), CHUNK):
-        yield tokenizer(list(texts[i:i + CHUNK]), add_special_tokens=False)["input_ids"]
-
-
 def length(texts: Sequence[str], tokenizer) -> list[float]:
-    return [float(len(ids)) for chunk in token_chunks(texts, tokenizer) for ids in chunk]
+    return [float(len(ids)) for chunk in token_batches(texts, tokenizer) for ids in chunk]
 
 
 def rarity(texts: Sequence[str], tokenizer) -> list[float]:
     """Mean -log p(token) under the corpus's own add-one-smoothed unigram distribution; an empty
     text scores 0.0 (nothing rare in it). Two passes (count, then score), so no text's tokens are kept."""
     counts: Counter = Counter()
-    for chunk in token_chunks(texts, tokenizer):
+    for chunk in token_batches(texts, tokenizer):
         for row in chunk:
             counts.update(row)
     total, vocab = sum(counts.values()), len(counts) + 1
     nll = {t: -math.log((c + 1) / (total + vocab)) for t, c in counts.items()}
     return [sum(nll[t] for t in row) / len(row) if row else 0.0
-            for chunk in token_chunks(texts, tokenizer) for row in chunk]
+            for chunk in token_batches(texts, tokenizer) for row in chunk]
 
 
 def self_loss(model, tokenizer, texts: Sequence[str], *, max_tokens: int = 256, batch_size: int = 16,
@@ -68,7 +60,7 @@ def self_loss(model, tokenizer, texts: Sequence[str], *, max_tokens: int = 256, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[float] = []
     # sequence_losses batches by length inside each chunk
-    for chunk in tqdm(token_chunks(texts, tokenizer), total=-(-len(texts) // CHUNK), desc="self_loss",
+    for chunk in tqdm(token_batches(texts, tokenizer), total=-(-len(texts) // TOKENISE_TEXTS), desc="self_loss",
                       disable=not progress, leave=False):
         out += sequence_losses(model, [head + ids[:max_tokens] for ids in chunk], batch_size=batch_size, pad_id=pad)
     return out
@@ -88,7 +80,8 @@ def solve_rate(model, tokenizer, texts: Sequence[str], family, *, samples: int =
                max_new_tokens: int = 16, seed: int = 0, batch_size: int = 32) -> list[float | None]:
     """1 - the share of ``samples`` sampled answers that ``family.check`` accepts, for each text
     ``family.parse`` reads as a problem; None for the others."""
-    problems = {i + k: p for i in range(0, len(texts), CHUNK) for k, t in enumerate(texts[i:i + CHUNK])
+    problems = {i + k: p for i in range(0, len(texts), TOKENISE_TEXTS)
+                for k, t in enumerate(texts[i:i + TOKENISE_TEXTS])
                 if (p := family.parse(t)) is not None}
     posed = sorted(problems)
     out: list[float | None] = [None] * len(texts)

@@ -45,6 +45,7 @@ from rich.console import Console
 from transformers import TrainerCallback
 
 from selftrain import distributed
+from selftrain.data.packing import token_batches
 from selftrain.data.pool import Pool, make_examples
 from selftrain.errors import SelftrainError
 from selftrain.evaluation.diversity import distinct_n, self_bleu, words
@@ -374,17 +375,13 @@ def real_rows(pool: Pool) -> datasets.Dataset:
 
 
 def real_blocks(tokenizer, texts: Sequence[str], block_size: int, limit: int = 4096) -> list[list[int]]:
-    """Consecutive ``block_size``-token blocks of the real texts (EOS between texts), read a thousand
-    texts at a time until they fill ``limit`` blocks (the text that crosses the limit is kept whole)."""
+    """Consecutive ``block_size``-token blocks of the real texts (EOS between texts), read a slice
+    at a time until they fill ``limit`` blocks (the text that crosses the limit is kept whole)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    full = block_size * limit
-    for i in range(0, len(texts), 1000):
-        for ids in tokenizer(list(texts[i:i + 1000]), add_special_tokens=False)["input_ids"]:
-            stream += ids + ([eos] if eos is not None else [])
-            if len(stream) >= full:
-                break
-        if len(stream) >= full:
+    for ids in (ids for batch in token_batches(texts, tokenizer) for ids in batch):
+        stream += ids + ([eos] if eos is not None else [])
+        if len(stream) >= block_size * limit:
             break
     blocks = [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
     if not blocks:

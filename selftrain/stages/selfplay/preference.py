@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from selftrain.data.packing import token_batches
 from selftrain.errors import SelftrainError
 from selftrain.modeling.chat import render_prompt, use_chat
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
@@ -65,11 +66,10 @@ def self_reward_pairs(model, tokenizer, config, *, chat: bool, seed: int) -> tup
 # ---------------------------------------------------------------------- spin
 def long_enough(tokenizer, texts: Sequence[str], config) -> list[int]:
     """Positions of the texts with at least prefix_tokens + continuation_tokens tokens (a SPIN
-    window), tokenised a thousand at a time: the texts may be a pool larger than memory."""
+    window), tokenised a slice at a time: the texts may be a pool larger than memory."""
     need = config.prefix_tokens + config.continuation_tokens
-    return [i + k for i in range(0, len(texts), 1000)
-            for k, ids in enumerate(tokenizer(list(texts[i:i + 1000]), add_special_tokens=False)["input_ids"])
-            if len(ids) >= need]
+    lengths = (len(ids) for batch in token_batches(texts, tokenizer) for ids in batch)
+    return [i for i, n in enumerate(lengths) if n >= need]
 
 
 def spin_pairs_possible(tokenizer, texts: Sequence[str], config) -> None:
