@@ -10,6 +10,7 @@ demo: setup
 	$(VENV)/bin/selftrain demo
 
 test: setup
+	@bash scripts/test-deps.sh  # chromium, for the report's browser test
 	$(VENV)/bin/lint-imports --no-cache  # the layering contract in pyproject.toml
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 

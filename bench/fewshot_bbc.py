@@ -62,6 +62,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval-n", type=int, default=200, help="held-out articles scored")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-stop", action="store_true", help="Run every round: no label-free stop (stop_confidence, "
+                    "stop_agreement off), as before the stop existed.")
     ap.add_argument("--per-class", type=int, default=32)
     ap.add_argument("--max-inputs", type=int, default=800, help="unlabelled articles labelled per round")
     ap.add_argument("--steps", type=int, default=30, help="fine-tuning steps per round")
@@ -110,7 +112,8 @@ def main() -> None:
         results[f"self-icl (k={args.icl_k})"] = {**icl.metrics, **counts}
         seconds[f"self-icl (k={args.icl_k})"] = time.perf_counter() - t
         print(f"self-icl: {icl.metrics['acc']:.3f}", flush=True)
-    cfg = FewshotConfig(task="bbc-topics", inputs="task", rounds=args.rounds, per_class=args.per_class,
+    stop = {"stop_confidence": None, "stop_agreement": None} if args.no_stop else {}
+    cfg = FewshotConfig(task="bbc-topics", inputs="task", rounds=args.rounds, per_class=args.per_class, **stop,
                         max_inputs=args.max_inputs, batch_size=args.batch_size,
                         train=SFTOptions(max_steps=args.steps, learning_rate=args.lr, batch_size=8))
     t = time.perf_counter()
@@ -119,7 +122,8 @@ def main() -> None:
                                               work_dir=Path(work), measured=measured,
                                               console=Console(stderr=True))  # prints each round
     seconds["self-trained"] = time.perf_counter() - t
-    results["self-trained"] = {"acc": history[-1]["accuracy"], "n": len(measured)}
+    trained = [h for h in history if "stopped" not in h]  # a round stopped before fine-tuning keeps the last model
+    results["self-trained"] = {"acc": trained[-1]["accuracy"], "n": len(measured)}
 
     # pseudo-label precision, measured afterwards with the gold labels of the *unlabelled* side
     gold = {example_id(str(r[task.input_field])): r["label"] for r in task.docs()}
@@ -129,10 +133,15 @@ def main() -> None:
     for name, m in results.items():
         print(f"{name:<28}{m['acc']:>10.3f}{seconds[name]:>10.0f}")
     print("learning curve (measured accuracy by round):",
-          " -> ".join(f"{h['accuracy']:.3f}" for h in history))
+          " -> ".join(f"{h['accuracy']:.3f}" for h in trained))
+    for h in history:
+        if "agreement" in h or "mean_confidence" in h:
+            print(f"  round {h['round']}: mean confidence of the selected {h['mean_confidence']:.4f}, agreement with "
+                  f"the last round {h['agreement'] if h['agreement'] is None else round(h['agreement'], 3)}"
+                  + (f"; stopped: {h['stopped']}" if "stopped" in h else ""))
     print(f"pseudo-labels: {len(selected)}, of which correct by the (never used) gold labels: "
           f"{correct / max(1, len(selected)):.3f}")
-    for h in history[1:]:
+    for h in trained[1:]:
         print(f"  round {h['round']}: predicted share {json.dumps({k: round(v, 2) for k, v in h['predicted_share'].items()})}")
     plain, base = results["zero-shot"]["acc"], results["zero-shot calibrated"]["acc"]
     after = results["self-trained"]["acc"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def _run(config_path: Path, overrides: list[str], restart_from: str | None = Non
     console.print(stage_table(manifest))
     final = cfg.run_dir / "final"
     console.print(f"final model: [bold]{final}[/]  (transformers.pipeline('text-generation', model='{final}'))")
-    console.print(f"report: {cfg.run_dir / 'report.md'}")
+    if manifest.get("stop"):
+        console.print(f"rounds ended: {manifest['stop']['reason']}")
+    console.print(f"report: {cfg.run_dir / 'report.html'} (and report.md); model card: {final / 'README.md'}")
 
 
 @app.command()
@@ -77,23 +80,54 @@ def demo(
 
 
 @app.command()
-def inspect(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/demo.")):
-    """Print a run's manifest as a table: each stage, its decision and why."""
+def inspect(
+    run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/demo."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep watching a running run: the table and the "
+                                "current stage's step, ETA and loss, until it finishes (Ctrl-C to stop watching)."),
+    every: float = typer.Option(2.0, help="--follow: seconds between refreshes."),
+):
+    """Print a run's manifest as a table: each stage, its decision and why; --follow to watch it live."""
     from selftrain.workspace import Workspace
 
-    with user_errors():
+    with user_errors("stopped watching (the run itself goes on)"):
         ws = Workspace(run_dir)
         if not ws.exists():
             raise SelftrainError(f"{run_dir} is not a selftrain run (no manifest.json)")
-        manifest = ws.load_manifest()  # refuses a manifest that lacks what is shown here
-    console.print(f"run [bold]{manifest['run_name']}[/]: {manifest['status']}, model {manifest['model_kind']}, "
-                  f"current checkpoint {manifest['current_checkpoint']}")
-    console.print(stage_table(manifest, reasons=True))
+        if not follow:
+            console.print(_inspection(ws))
+            return
+        from rich.live import Live
+
+        with Live(_inspection(ws), console=console, refresh_per_second=4, auto_refresh=False) as live:
+            while True:
+                view = _inspection(ws)
+                live.update(view, refresh=True)
+                if ws.load_manifest()["status"] != "running":
+                    break
+                time.sleep(every)
+
+
+def _inspection(ws):
+    """The run's header, its stage table and (while it runs) the current stage's progress line."""
+    from rich.console import Group
+
+    from selftrain.progress import progress_line, read_progress
+
+    manifest = ws.load_manifest()  # refuses a manifest that lacks what is shown here
+    parts = [f"run [bold]{manifest['run_name']}[/]: {manifest['status']}, model {manifest['model_kind']}, "
+             f"current checkpoint {manifest['current_checkpoint']}", stage_table(manifest, reasons=True)]
+    if manifest.get("stop"):
+        parts.append(f"rounds ended after round {manifest['stop'].get('rounds')}: {manifest['stop']['reason']}")
+    if manifest["status"] == "running":
+        running = [e["key"] for e in manifest["stages"] if e["status"] == "running"]
+        line = progress_line(read_progress(ws.root))
+        parts.append(line or (f"{running[-1]}: running (no training step yet)" if running else "between stages"))
+    return Group(*parts)
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/demo.")):
-    """(Re)write report.md and its plots for a run."""
+    """(Re)write a run's report: report.html (self-contained) and report.md, with their figures."""
     from selftrain.report import write_report
     from selftrain.workspace import Workspace
 
@@ -101,7 +135,8 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
         ws = Workspace(run_dir)
         if not ws.exists():
             raise SelftrainError(f"{run_dir} is not a selftrain run (no manifest.json)")
-        console.print(f"wrote {write_report(ws)}")
+        path = write_report(ws)
+        console.print(f"wrote {path.with_suffix('.html')} and {path}")
 
 
 @app.command("eval")
@@ -351,19 +386,19 @@ def stage_table(manifest: dict, reasons: bool = False) -> Table:
     from selftrain.report import fmt, stage_rows
 
     table = Table(title=f"run {manifest['run_name']}")
-    for col in ("stage", "decision", "ppl before", "ppl after", "distinct-2", "seconds"):
+    for col in ("stage", "decision", "ppl before", "ppl after", "distinct-2", "steps", "seconds"):
         table.add_column(col)
     if reasons:
         table.add_column("attempts")
         table.add_column("reason")
     base = manifest.get("baseline_metrics", {})
-    table.add_row("start", "-", "-", fmt(base.get("heldout_ppl")), fmt(base.get("distinct_2"), 3), "-",
+    table.add_row("start", "-", "-", fmt(base.get("heldout_ppl")), fmt(base.get("distinct_2"), 3), "-", "-",
                   *(("-", "") if reasons else ()))
     for r in stage_rows(manifest):
-        style = {"accepted": "green", "rolled_back": "yellow", "failed": "red"}.get(r["status"], "")
+        style = {"accepted": "green", "rolled_back": "yellow", "failed": "red", "skipped": "dim"}.get(r["status"], "")
         cells = [r["stage"], f"[{style}]{r['decision'] if r['decision'] != '-' else r['status']}[/]" if style
                  else str(r["status"]), fmt(r["ppl_before"]), fmt(r["ppl_after"]), fmt(r["distinct_2"], 3),
-                 fmt(r["seconds"], 1)]
+                 fmt(r["steps"]), fmt(r["seconds"], 1)]
         if reasons:
             cells += [str(r["attempts"]), r["reason"]]
         table.add_row(*cells)

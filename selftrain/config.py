@@ -1,7 +1,7 @@
 """The schema of a run: YAML in (safely), validated by pydantic, clear errors out.
 
 A config has the sections ``run``, ``model``, ``data``, ``guard``, ``eval``, ``sandbox``,
-``rounds`` and ``stages``; a typo anywhere names the key, where it is, and the keys that are
+``rounds``, ``stop`` and ``stages``; a typo anywhere names the key, where it is, and the keys that are
 valid. Each stage entry is ``{name: {its options}}``, validated by that stage's own ``Config``
 in ``selftrain.stages`` (this module knows no stage).
 """
@@ -86,20 +86,59 @@ class DataConfig(Section):
 
 
 class GuardConfig(Section):
-    metric: str = Field("heldout_ppl", description="Evaluation metric that decides accept / roll back.")
+    metric: str = Field("heldout_ppl", description="The primary metric: it judges a stage with no target of its own, "
+                        "is protected, and its plateau ends rounds: auto.")
     mode: Literal["auto", "min", "max"] = Field(
         "auto", description="Whether lower or higher is better; auto knows the built-in metrics."
     )
-    tolerance: float = Field(0.02, ge=0, description="Relative regression of `metric` still accepted.")
+    tolerance: float = Field(0.02, ge=0, description="Relative regression of a protected metric still accepted "
+                             "from a stage that names no target of its own.")
+    min_target_gain: float = Field(0.0, ge=0, description="How much a stage's target must rise (absolute, in the "
+                                   "metric's units) to count as raised.")
+    protect: list[str] = Field(
+        default_factory=list, description="More metrics a stage must not harm, beside `metric` (e.g. an earlier "
+        "task's accuracy).")
+    forgetting_budget: float = Field(0.15, ge=0, description="Relative regression of a protected metric accepted "
+                                     "from a stage that raised its target.")
+    drift_budget: float | None = Field(
+        0.2, ge=0, description="Relative regression of a protected metric from its best value in the run (start "
+        "included) beyond which no stage is accepted: per-stage regressions add up; null: no budget.")
     max_synthetic_fraction: float = Field(
-        0.5, ge=0, le=1, description="Cap on synthetic examples as a share of the whole pool."
+        0.5, ge=0, le=1, description="Cap on synthetic examples as a share of the whole pool (the excess is dropped)."
     )
     min_distinct_2: float | None = Field(
-        0.05, description="Collapse signal: roll back if sample distinct-2 falls below this."
+        0.05, description="Collapse detector: roll back if the samples' distinct-2 falls below this."
     )
     min_entropy: float | None = Field(
-        0.05, description="Collapse signal: roll back if mean next-token entropy (nats) falls below."
+        0.05, description="Collapse detector: roll back if mean next-token entropy (nats) falls below this."
     )
+    max_self_bleu: float | None = Field(
+        0.9, description="Collapse detector: roll back if the samples' self-BLEU (copies of each other) exceeds this."
+    )
+    max_heldout_ppl: float | None = Field(
+        None, gt=0, description="Collapse detector: roll back if held-out perplexity exceeds this ceiling."
+    )
+
+    def protected(self) -> list[str]:
+        return list(dict.fromkeys([self.metric, *self.protect]))
+
+
+class StopConfig(Section):
+    max_rounds: int = Field(10, ge=1, description="rounds: auto runs at most this many rounds.")
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many rounds in a row in which guard.metric gained less than "
+        "min_delta (default: 1 with rounds: auto, never with a fixed number).")
+    min_delta: float = Field(0.01, ge=0, description="Relative gain of guard.metric over a round that counts as "
+                             "progress.")
+    when_nothing_accepted: bool | None = Field(
+        None, description="Stop when a round accepts no stage (default: yes with rounds: auto, no with a number).")
+    max_minutes: float | None = Field(None, gt=0, description="Budget of the whole run: no stage starts after this "
+                                      "many minutes of stages and evaluations.")
+    round_max_minutes: float | None = Field(None, gt=0, description="Budget of one round: its later stages are "
+                                            "skipped once it has spent this many minutes.")
+    max_steps: int | None = Field(None, ge=1, description="Budget of the whole run in optimizer steps (as the "
+                                  "trainers log them): no stage starts once spent.")
+    round_max_steps: int | None = Field(None, ge=1, description="Budget of one round in optimizer steps.")
 
 
 class TaskEval(Section):
@@ -151,7 +190,10 @@ class RunConfig(Section):
     guard: GuardConfig = Field(default_factory=GuardConfig, description="Accept / roll back rule.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after every stage.")
     sandbox: SandboxSection = Field(default_factory=SandboxSection, description="Where model-written code runs.")
-    rounds: int = Field(1, ge=1, description="How many times the stage list runs.")
+    rounds: int | Literal["auto"] = Field(
+        1, description="How many times the stage list runs; auto: until a stop condition (see stop) holds.")
+    stop: StopConfig = Field(default_factory=StopConfig, description="When rounds end early: plateau, nothing "
+                             "accepted, budgets.")
     stages: list[str | dict[str, Any]] = Field(..., min_length=1, description="Stages, in order.")
 
     @property
@@ -161,18 +203,23 @@ class RunConfig(Section):
     def fingerprint(self) -> str:
         """Hash of the whole config as manifests before version 2 stored it (see run_fingerprints):
         the sections of that version only, so their runs still resume."""
-        return _hash(self.model_dump(mode="json", exclude={"sandbox": True, "run": {"report_to"},
-                                                          "eval": {"max_documents"}}))
+        return _hash(self.model_dump(mode="json", exclude={"sandbox": True, "stop": True, "run": {"report_to"},
+                                                          "eval": {"max_documents"}, "guard": set(GUARD_ADDED)}))
 
     def run_fingerprints(self) -> dict[str, str]:
         """One hash per run-level section: what shapes every finished stage's results (model, data,
         seed, evaluation, guard, and any section added later). A resume must match them all.
         Stages are fingerprinted one by one (stage_fingerprint); rounds only add stages."""
         # options left at their defaults are not hashed: an option a later version adds leaves runs resumable
-        dump = self.model_dump(mode="json", exclude={"rounds", "stages", "sandbox"}, exclude_defaults=True)
+        dump = self.model_dump(mode="json", exclude={"rounds", "stop", "stages", "sandbox"}, exclude_defaults=True)
         dump.setdefault("run", {})
         dump["run.seed"] = dump.pop("run").get("seed", 0)  # name, directory, device don't change results
         return {k: _hash(v) for k, v in dump.items()}
+
+
+# guard options added later (targets, budgets, more detectors): not in the version-1 hash
+GUARD_ADDED = ("min_target_gain", "protect", "forgetting_budget", "drift_budget", "max_self_bleu",
+            "max_heldout_ppl")
 
 
 def _hash(obj) -> str:

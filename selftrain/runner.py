@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -31,18 +30,20 @@ import torch
 import yaml
 from rich.console import Console
 
-from selftrain import distributed
-from selftrain.config import GuardConfig, RunConfig
+from selftrain import distributed, stopping
+from selftrain.config import RunConfig
 from selftrain.data.arrowfile import text_batches
 from selftrain.data.pool import Pool, plain_annotations, prepare_corpus
 from selftrain.errors import SelftrainError
-from selftrain.evaluation import LOWER_IS_BETTER, evaluate
+from selftrain.evaluation import evaluate, sample_prompts
+from selftrain.guard import best_values, judge
 from selftrain.modeling.factory import (
     build_initial,
     count_parameters,
     load_checkpoint,
     save_checkpoint,
 )
+from selftrain.progress import PROGRESS_FILE, StageLog
 from selftrain.sandbox import require_isolation
 from selftrain.stages import (
     REGISTRY,
@@ -62,38 +63,12 @@ from selftrain.workspace import (
     replace_dir,
 )
 
-DONE = ("accepted", "rolled_back", "failed")
+DONE = ("accepted", "rolled_back", "failed", "skipped")
 SETUP_FILES = {".lock", "config.yaml", "data", "checkpoints", "metrics.jsonl", ".ranks"}
 # What an attempt records about its outcome; cleared when the stage is tried again.
-OUTCOME = ("decision", "reason", "metrics_after", "stage_metrics", "checkpoint", "checkpoint_deleted", "seconds",
-           "finished", "pool_added", "pool_dropped_by_cap", "annotations", "artefacts", "auxiliary",
-           "auxiliary_deleted")
-
-
-def guard_decision(guard: GuardConfig, before: dict, after: dict, stage_metrics: dict | None = None) -> tuple[bool, str]:
-    """Accept unless the guard metric regresses past tolerance or a collapse signal fires (the
-    runner's own diversity and entropy floors, or a collapse the stage detected and reports as
-    ``stage_metrics["collapse"]``)."""
-    if (stage_metrics or {}).get("collapse"):
-        return False, f"collapse (found by the stage): {stage_metrics['collapse']}"
-    if after.get("diverged"):
-        return False, f"diverged: {after.get('diverged_reason', 'non-finite metrics')}"
-    name = guard.metric
-    b, a = before.get(name), after.get(name)
-    if a is None or b is None:
-        return False, f"metric {name!r} missing from evaluation"
-    if not math.isfinite(a):
-        return False, f"{name} is {a} (diverged)"
-    lower = guard.mode == "min" or (guard.mode == "auto" and name in LOWER_IS_BETTER)
-    limit = b * (1 + guard.tolerance) if lower else b * (1 - guard.tolerance)
-    worse = a > limit if lower else a < limit
-    if worse:
-        return False, f"{name} {b:.4g} -> {a:.4g} regresses past tolerance {guard.tolerance:.0%} (limit {limit:.4g})"
-    if guard.min_distinct_2 is not None and after.get("distinct_2", math.inf) < guard.min_distinct_2:
-        return False, f"collapse: distinct-2 {after['distinct_2']:.3f} < floor {guard.min_distinct_2}"
-    if guard.min_entropy is not None and after.get("heldout_entropy", math.inf) < guard.min_entropy:
-        return False, f"collapse: entropy {after['heldout_entropy']:.3f} nats < floor {guard.min_entropy}"
-    return True, f"{name} {b:.4g} -> {a:.4g} (limit {limit:.4g})"
+OUTCOME = ("decision", "reason", "checks", "metrics_after", "stage_metrics", "checkpoint", "checkpoint_deleted",
+           "seconds", "eval_seconds", "steps", "finished", "pool_added", "pool_dropped_by_cap", "annotations",
+           "artefacts", "auxiliary", "auxiliary_deleted")
 
 
 class Runner:
@@ -110,10 +85,14 @@ class Runner:
             raise SelftrainError("run.device=cuda but no CUDA device is available")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
 
+    def rounds(self) -> int:
+        """The most rounds this config can run (``rounds: auto`` stops earlier, see ``stopping``)."""
+        return self.cfg.stop.max_rounds if self.cfg.rounds == "auto" else self.cfg.rounds
+
     def plan(self) -> list[tuple[str, int, int, StageSpec]]:
         """Every stage execution this config asks for, in order: (key, round, index, spec)."""
         return [(f"r{rnd}-{idx:02d}-{spec.name}", rnd, idx, spec)
-                for rnd in range(1, self.cfg.rounds + 1) for idx, spec in enumerate(self.specs, 1)]
+                for rnd in range(1, self.rounds() + 1) for idx, spec in enumerate(self.specs, 1)]
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict:
@@ -172,6 +151,9 @@ class Runner:
         con.print("[bold]evaluating the starting model[/] on held-out text")
         baseline, samples = evaluate(model.to(self.device), tokenizer, heldout_texts, cfg.eval, kind=kind,
                                      seed=cfg.run.seed)
+        # the prompts every evaluation's samples continue: the report shows them before and after
+        prompts = sample_prompts(heldout_texts, tokenizer, cfg.eval.samples, cfg.eval.prompt_tokens)[:4] \
+            if kind == "causal" and cfg.eval.samples > 0 else []
         if cfg.guard.metric not in baseline:
             raise SelftrainError(f"guard.metric {cfg.guard.metric!r} is not computed; available: "
                                  f"{', '.join(sorted(baseline))}")
@@ -187,7 +169,7 @@ class Runner:
             "model_kind": kind, "device": self.device, "data": stats,
             "initial_checkpoint": self.ws.rel(initial), "current_checkpoint": self.ws.rel(initial),
             "pool": "data/pool", "baseline_metrics": baseline, "accepted_metrics": baseline,
-            "initial_samples": samples[:4], "stages": [],
+            "initial_samples": samples[:4], "sample_prompts": prompts, "stages": [],
             "eval_documents": cfg.eval.max_documents,  # the held-out texts every evaluation of this run reads
         }
         self.ws.save_manifest(manifest)
@@ -308,35 +290,68 @@ class Runner:
         # a run begun before eval.max_documents existed scored every held-out text: it goes on so
         heldout = held.texts() if "eval_documents" not in manifest else held.spread_texts(manifest["eval_documents"])
         entries = {e["key"]: e for e in manifest["stages"]}
+        manifest.pop("stop", None)  # decided again from the record: resumed with a larger budget, it goes on
         for key, rnd, idx, spec in self.plan():
             entry = entries.get(key)
-            if entry and entry["status"] in DONE:
-                continue
-            fingerprint = stage_fingerprint(spec)
-            if entry is None or entry.get("fingerprint") != fingerprint:
-                # a fresh start: nothing from a redone stage, or from this one's old options, is reused
-                shutil.rmtree(ws.stage_dir(key), ignore_errors=True)
-            if entry is None:
-                entry = entries[key] = {"key": key, "round": rnd, "index": idx, "name": spec.name, "attempts": 0}
-                manifest["stages"].append(entry)
-            ws.drop_metrics({key})  # a retried stage logs its steps once, not once per attempt
-            for k in OUTCOME:
-                entry.pop(k, None)
-            entry.update(status="running", attempts=entry["attempts"] + 1, fingerprint=fingerprint,
-                         start_checkpoint=manifest["current_checkpoint"],
-                         started=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics_before=manifest["accepted_metrics"])
-            ws.save_manifest(manifest)
-            before = copy.deepcopy(manifest)  # what is saved if Ctrl-C lands mid-commit
-            try:
-                self._run_one(manifest, entry, spec, rnd, heldout)
-            except KeyboardInterrupt:  # Ctrl-C: the manifest as it was, the stage retried next time
-                interrupted = next(e for e in before["stages"] if e["key"] == key)
-                interrupted.update(status="interrupted", reason="interrupted (Ctrl-C); retried on the next run")
-                ws.save_manifest(before)
-                raise
-            ws.save_manifest(manifest)
-            distributed.barrier()  # rank 0's new pool is written before any rank reads it
+            if not (entry and entry["status"] in DONE):
+                # rank 0 decides on its clock; every rank follows
+                budget = distributed.broadcast(stopping.budget_left(self.cfg, manifest, rnd))
+                if budget and budget[0] == "run":
+                    self._stop(manifest, budget[1])
+                    break
+                if budget:  # this round's budget: its later stages are recorded as skipped
+                    entry = entries[key] = {"key": key, "round": rnd, "index": idx, "name": spec.name, "attempts": 0,
+                                            "status": "skipped", "decision": "skipped", "reason": budget[1],
+                                            "fingerprint": stage_fingerprint(spec)}
+                    manifest["stages"].append(entry)
+                    ws.save_manifest(manifest)
+                    self.console.print(f"[yellow]{key} skipped[/]: {budget[1]}")
+                else:
+                    self._attempt(manifest, entries, key, rnd, idx, spec, heldout)
+            if idx == len(self.specs):
+                why = distributed.broadcast(stopping.after_round(self.cfg, manifest, rnd, self.rounds()))
+                if why:
+                    self._stop(manifest, why)
+                    break
         return manifest
+
+    def _stop(self, manifest: dict, reason: str) -> None:
+        """Record why the rounds ended (shown by inspect and the report)."""
+        stages = manifest["stages"]
+        manifest["stop"] = {"reason": reason, "after": stages[-1]["key"] if stages else None,
+                            "rounds": max((e["round"] for e in stages), default=0),
+                            "minutes": round(stopping.spent(stages)[0], 2), "steps": stopping.spent(stages)[1]}
+        self.ws.save_manifest(manifest)
+        self.console.print(f"[bold]rounds end[/]: {reason}")
+
+    def _attempt(self, manifest: dict, entries: dict, key: str, rnd: int, idx: int, spec: StageSpec,
+                 heldout) -> None:
+        ws, entry = self.ws, entries.get(key)
+        fingerprint = stage_fingerprint(spec)
+        if entry is None or entry.get("fingerprint") != fingerprint:
+            # a fresh start: nothing from a redone stage, or from this one's old options, is reused
+            shutil.rmtree(ws.stage_dir(key), ignore_errors=True)
+        if entry is None:
+            entry = entries[key] = {"key": key, "round": rnd, "index": idx, "name": spec.name, "attempts": 0}
+            manifest["stages"].append(entry)
+        ws.drop_metrics({key})  # a retried stage logs its steps once, not once per attempt
+        for k in OUTCOME:
+            entry.pop(k, None)
+        entry.update(status="running", attempts=entry["attempts"] + 1, fingerprint=fingerprint,
+                     start_checkpoint=manifest["current_checkpoint"],
+                     started=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics_before=manifest["accepted_metrics"])
+        ws.save_manifest(manifest)
+        before = copy.deepcopy(manifest)  # what is saved if Ctrl-C lands mid-commit
+        try:
+            self._run_one(manifest, entry, spec, rnd, heldout)
+        except KeyboardInterrupt:  # Ctrl-C: the manifest as it was, the stage retried next time
+            interrupted = next(e for e in before["stages"] if e["key"] == key)
+            interrupted.update(status="interrupted", reason="interrupted (Ctrl-C); retried on the next run")
+            ws.save_manifest(before)
+            raise
+        ws.save_manifest(manifest)
+        distributed.on_main(lambda: self._report(final=False))  # readable while the run goes on
+        distributed.barrier()  # rank 0's new pool is written before any rank reads it
 
     def _run_one(self, manifest: dict, entry: dict, spec, rnd: int, heldout) -> None:
         cfg, ws, con = self.cfg, self.ws, self.console
@@ -351,29 +366,41 @@ class Runner:
                          round=rnd, stage_key=key, stage_dir=stage_dir, device=self.device,
                          artefacts={n: ws.abs(p) for e in accepted for n, p in (e.get("artefacts") or {}).items()},
                          auxiliary={n: ws.abs(p) for e in accepted for n, p in (e.get("auxiliary") or {}).items()},
-                         log=ws.log_metrics)
+                         log=(steps := StageLog(ws.log_metrics, key, con if distributed.is_main() else None,
+                                                ws.root / PROGRESS_FILE if distributed.is_main() else None)))
         start, result = time.perf_counter(), None
         try:
-            result = REGISTRY[spec.name]().run(state, spec.config)
+            try:
+                result = REGISTRY[spec.name]().run(state, spec.config)
+            finally:
+                steps.close()
             self._check_result(result, pool, layers, stage_dir)
         except SelftrainError as e:  # bad input found mid-stage: not DONE, so a fixed rerun retries it
             entry.update(status="error", reason=str(e))
             ws.save_manifest(manifest)
             raise
         except Exception as e:  # a crash in one stage must not lose the run: record it, roll back
+            entry["steps"] = steps.total
             return self._failed(entry, e, start, result)
         stage_seconds = time.perf_counter() - start
+        entry["steps"] = steps.total
         before = entry["metrics_before"]
         try:  # evaluating the new model is part of the attempt: a model that breaks it fails the stage
             after = before if result.checkpoint is None else self._evaluate(
                 result.checkpoint, manifest["model_kind"], heldout, stage_dir)
         except Exception as e:
             return self._failed(entry, e, start, result)
-        accepted, reason = guard_decision(cfg.guard, before, after, result.metrics)
+        # the best value of each protected metric so far: the drift budget is measured from it
+        history = [manifest["baseline_metrics"], *(e["metrics_after"] for e in manifest["stages"]
+                                                   if e["status"] == "accepted")]
+        decision = judge(cfg.guard, before, after, result.metrics, target_metric=spec.config.target,
+                         best=best_values(cfg.guard, history))
+        accepted, reason = decision.accepted, decision.reason
         entry.update(
             status="accepted" if accepted else "rolled_back", decision="accepted" if accepted else "rolled_back",
-            reason=reason, metrics_after=after, stage_metrics=_jsonable(result.metrics),
+            reason=reason, checks=decision.records(), metrics_after=after, stage_metrics=_jsonable(result.metrics),
             checkpoint=ws.rel(result.checkpoint), seconds=round(stage_seconds, 1),
+            eval_seconds=round(time.perf_counter() - start - stage_seconds, 1),
             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
             # recorded either way (the report shows them); only an accepted stage's reach later stages
             artefacts={n: ws.rel(p) for n, p in result.artefacts.items()},
@@ -395,6 +422,10 @@ class Runner:
                     new_pool.save(ws.data_dir / f"pool-{key}")  # a new version; the manifest switches to it
                 entry.update(pool_added=added, pool_dropped_by_cap=dropped)
                 manifest["pool"] = f"data/pool-{key}"
+                synthetic = new_pool.n_synthetic() / max(1, len(new_pool))
+                entry["checks"].append({"name": "synthetic cap", "ok": True, "detail": (
+                    f"pool {synthetic:.0%} synthetic after adding {added} (cap {cfg.guard.max_synthetic_fraction:.0%}; "
+                    f"{dropped} over the cap dropped)")})
         else:
             self._discard(entry, result)
         colour = "green" if accepted else "yellow"
@@ -466,15 +497,30 @@ class Runner:
         tmp = ws.final_dir.with_name(".final.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(current, tmp)
-        replace_dir(tmp, ws.final_dir)
         manifest.update(status="finished", final_checkpoint="final", final_metrics=manifest["accepted_metrics"])
+        from selftrain.report.card import model_card
+
+        # the card goes in with the weights: final/ appears whole, card included, or not at all
+        atomic_write_text(tmp / "README.md", model_card(ws, manifest, self.cfg.model_dump(mode="json")))
+        replace_dir(tmp, ws.final_dir)
         ws.save_manifest(manifest)
         for path in ws.data_dir.glob("pool-*"):  # superseded pool versions
             if f"data/{path.name}" != manifest["pool"]:
                 shutil.rmtree(path, ignore_errors=True)
+        self._report(final=True)
+
+    def _report(self, final: bool) -> None:
+        """Write report.md and report.html; a report that fails costs the run nothing but a warning
+        (``selftrain report RUN`` writes it again)."""
         from selftrain.report import write_report
 
-        write_report(ws)
+        try:
+            path = write_report(self.ws)
+        except Exception as e:
+            self.console.print(f"[yellow]the report could not be written[/]: {type(e).__name__}: {e}")
+            return
+        if final:
+            self.console.print(f"report: {path.with_suffix('.html')}")
 
 
 def _progress(manifest: dict) -> str:

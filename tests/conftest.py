@@ -92,3 +92,23 @@ def pool_lists_refused(monkeypatch):
 
     for reader in (Pool.texts, Pool.rows):
         monkeypatch.setattr(Pool, reader.__name__, refused(reader))
+
+
+def weights_stage(name: str, edit, doc: str):
+    """A test-only stage that saves the accepted model as a new checkpoint after ``edit(model, tokenizer)``
+    (under no_grad): the way a test forces what a stage does to the weights."""
+    import torch
+
+    from selftrain.modeling.factory import save_checkpoint
+    from selftrain.stages import Stage, StageConfig, StageResult
+
+    class Config(StageConfig):
+        pass
+
+    def run(self, state, config):
+        model, tok = state.load_model()
+        with torch.no_grad():
+            edit(model, tok)
+        return StageResult(checkpoint=save_checkpoint(model.cpu(), tok, state.stage_dir / "model"))
+
+    return type(name, (Stage,), {"__doc__": doc, "name": name, "Config": Config, "run": run})

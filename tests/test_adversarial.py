@@ -22,10 +22,11 @@ from selftrain.data.pool import Pool, make_examples, to_dataset
 from selftrain.errors import SelftrainError
 from selftrain.evaluation.diversity import self_bleu
 from selftrain.evaluation.variant_filters import Judged, discriminator_filter
+from selftrain.guard import judge
 from selftrain.modeling.discriminator import Discriminator
 from selftrain.modeling.factory import build_initial, load_checkpoint, save_checkpoint
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
-from selftrain.runner import Runner, guard_decision
+from selftrain.runner import Runner
 from selftrain.stages.adversarial import (
     AdversarialConfig,
     AdversarialStage,
@@ -181,9 +182,8 @@ def test_collapse_signals_and_the_guard():
     assert collapse_reason(base, {"self_bleu": 0.3, "distinct_2": 0.7}, config) is None
     assert "self-BLEU" in collapse_reason(base, {"self_bleu": 0.5, "distinct_2": 0.7}, config)
     assert "distinct-2" in collapse_reason(base, {"self_bleu": 0.2, "distinct_2": 0.5}, config)
-    ok, why = guard_decision(GuardConfig(), {"heldout_ppl": 10.0}, {"heldout_ppl": 9.0},
-                             {"collapse": "self-BLEU 0.2 -> 0.9"})
-    assert not ok and "collapse" in why and "self-BLEU" in why
+    decision = judge(GuardConfig(), {"heldout_ppl": 10.0}, {"heldout_ppl": 9.0}, {"collapse": "self-BLEU 0.2 -> 0.9"})
+    assert not decision.accepted and "stage collapse detector" in decision.reason and "self-BLEU" in decision.reason
 
 
 def _collapse_in(monkeypatch, round_: int):
@@ -227,7 +227,7 @@ def test_collapse_in_the_first_round_is_handed_to_the_guard(tmp_path, monkeypatc
     _collapse_in(monkeypatch, round_=1)
     manifest = _run(tmp_path, [pretrain(max_steps=20), {"adversarial": {**SMALL, "synthesize": 0}}])
     entry = manifest["stages"][1]
-    assert entry["decision"] == "rolled_back" and entry["reason"].startswith("collapse (found by the stage)")
+    assert entry["decision"] == "rolled_back" and entry["reason"].startswith("stage collapse detector: found by the stage")
     assert len(entry["stage_metrics"]["rounds"]) == 2  # the game stopped at round 1 of 2
     assert entry.get("auxiliary_deleted") and entry.get("checkpoint_deleted")
 

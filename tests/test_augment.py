@@ -445,8 +445,9 @@ def test_labelled_mode_rewrites_only_the_input_and_keeps_the_label(tmp_path, cor
                                                  for t in TEXTS[:40]))
     (tmp_path / "task.yaml").write_text(json.dumps(task))
     cfg = micro_config(tmp_path / "run", corpus_file, [
+        # eval_fraction 0: no rows set aside, so no target of its own (a 2-step fine-tune need not raise one)
         {"fewshot": {"task": str(tmp_path / "task.yaml"), "inputs": "task", "rounds": 1, "per_class": 6,
-                     "train": {"max_steps": 2, "batch_size": 4}}},
+                     "eval_fraction": 0, "train": {"max_steps": 2, "batch_size": 4}}},
         {"augment": {"inputs": "labelled", "ops": ["swap", "delete"], "train": {"max_steps": 3, "batch_size": 4},
                      "filters": {"similarity": None, "perplexity_ratio": None}}}])
     manifest = Runner(config_from_dict(cfg)).run()

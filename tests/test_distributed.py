@@ -51,7 +51,7 @@ def test_two_processes_train_like_one_and_only_rank_zero_writes(tmp_path):
     assert m2["final_metrics"]["heldout_tokens"] == m1["final_metrics"]["heldout_tokens"]
     assert not (tmp_path / "two" / ".ranks").exists()  # rank 1's scratch is gone
     assert (tmp_path / "two" / "report.md").is_file() and (tmp_path / "two" / "final" / "config.json").is_file()
-    assert double.stderr.count("accepted: heldout_ppl") == 1  # rank 0 speaks for the run
+    assert double.stderr.count("accepted: protect heldout_ppl") == 1  # rank 0 speaks for the run
 
 
 def test_bad_input_on_rank_zero_stops_every_rank_with_one_clear_error(tmp_path):

@@ -20,6 +20,7 @@ from selftrain.stages.fewshot import (
     select_balanced,
     self_train,
     split_task_rows,
+    stop_reason,
 )
 from selftrain.training.sft import SFTOptions, sft_train
 from selftrain.workspace import Workspace
@@ -101,8 +102,20 @@ def fewshot_config(tmp_path, corpus_file, **opts):
                         guard={"tolerance": 10.0})
 
 
-def test_fewshot_stage_in_a_run_adds_pseudo_labels_with_confidence(tmp_path, corpus_file):
-    manifest = Runner(config_from_dict(fewshot_config(tmp_path, corpus_file))).run()
+def test_fewshot_stage_in_a_run_adds_pseudo_labels_with_confidence(tmp_path, corpus_file, monkeypatch):
+    import selftrain.stages.fewshot as fewshot_module
+
+    real, calls = fewshot_module.evaluate_task, []
+
+    def rising(*args, **kw):  # forced: the measured accuracy (the stage's target) rises, so the guard keeps it
+        result = real(*args, **kw)
+        calls.append(result.metrics["acc"])
+        result.metrics["acc"] = 0.1 * len(calls)
+        return result
+
+    monkeypatch.setattr(fewshot_module, "evaluate_task", rising)
+    cfg = fewshot_config(tmp_path, corpus_file, stop_confidence=None, stop_agreement=None)  # both rounds train
+    manifest = Runner(config_from_dict(cfg)).run()
     entry = manifest["stages"][1]
     assert entry["status"] == "accepted", entry["reason"]
     m = entry["stage_metrics"]
@@ -138,3 +151,26 @@ def test_sft_refuses_to_train_inside_autocast(micro, tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="outside"):
         sft_train(model, tok, ["a"], [" b"], SFTOptions(max_steps=1), out_dir=tmp_path, seed=0, device="cpu",
                   log=lambda r: None, stage_key="x")
+
+
+def test_fewshot_stops_itself_before_a_round_whose_labels_saturate(tmp_path, corpus_file):
+    # forced: any confidence counts as saturated, so round 2 stops before it fine-tunes
+    cfg = fewshot_config(tmp_path, corpus_file, stop_confidence=1e-9, stop_agreement=None)
+    entry = Runner(config_from_dict(cfg)).run()["stages"][1]
+    m, history = entry["stage_metrics"], entry["stage_metrics"]["history"]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert "stopped" not in history[1] and "saturated" in history[2]["stopped"] == m["stopped"]
+    assert m["accuracy_after"] == history[1]["accuracy"]  # the model after round 1 is the stage's
+    assert m["target"]["after"] == history[1]["accuracy"] and m["target"]["before"] == history[0]["accuracy"]
+    assert m["pseudo_labels"] == history[1]["selected"]  # round 2 taught nothing
+    assert not (tmp_path / "run" / "stages" / entry["key"] / "sft-round2").exists()
+
+
+def test_fewshot_stop_signals_need_no_labels():
+    cfg = FewshotConfig(task="x", stop_confidence=0.99, stop_agreement=0.9)
+    assert stop_reason(cfg, 1, 1.0, None) is None  # round 1 always trains
+    assert "saturated" in stop_reason(cfg, 2, 0.995, 0.5)
+    assert "agree" in stop_reason(cfg, 2, 0.9, 0.95)
+    assert stop_reason(cfg, 2, 0.9, 0.8) is None and stop_reason(cfg, 3, 0.9, None) is None
+    off = FewshotConfig(task="x", stop_confidence=None, stop_agreement=None)
+    assert stop_reason(off, 2, 1.0, 1.0) is None

@@ -190,7 +190,8 @@ def test_config_command_resolves_a_config_and_lists_run_options(tmp_path, corpus
     out = runner.invoke(app, ["config", str(path), "--set", "stages.0.example_lengths.bins=4"])
     assert out.exit_code == 0, out.output
     resolved = yaml.safe_load(out.output)
-    assert resolved["stages"] == [{"example_lengths": {"bins": 4, "bad_id": False, "artefact_outside": False}}]
+    assert resolved["stages"] == [{"example_lengths": {"target": None, "bins": 4, "bad_id": False,
+                                                       "artefact_outside": False}}]
     assert resolved["guard"]["tolerance"] == 0.02  # defaults filled in
     bad = runner.invoke(app, ["config", str(path), "--set", "stages.0.example_lengths.binz=4"])
     assert bad.exit_code == 2 and "Did you mean 'bins'" in bad.output

@@ -15,7 +15,7 @@ from selftrain.evaluation.perplexity import heldout_perplexity
 from selftrain.modeling.generation import SamplingParams, TransformersBackend
 
 # Which direction is better, for the guard's `mode: auto`. Task accuracies are higher-is-better.
-LOWER_IS_BETTER = {"heldout_ppl", "heldout_loss", "repetition_rate"}
+LOWER_IS_BETTER = {"heldout_ppl", "heldout_loss", "repetition_rate", "self_bleu"}
 
 
 def evaluate(model, tokenizer, heldout_texts: list[str], cfg: EvalConfig, *, kind: str = "causal",

@@ -51,5 +51,5 @@ def self_bleu(samples: list[str], n: int = 4, max_samples: int = 200) -> float:
 
 def diversity_metrics(samples: list[str]) -> dict:
     return {"distinct_1": distinct_n(samples, 1), "distinct_2": distinct_n(samples, 2),
-            "repetition_rate": repetition_rate(samples),
+            "repetition_rate": repetition_rate(samples), "self_bleu": self_bleu(samples),
             "sample_words": sum(len(words(s)) for s in samples) / max(1, len(samples))}

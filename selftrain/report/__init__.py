@@ -1,11 +1,27 @@
-"""Turn a run's manifest and metrics into report.md with plots a person can glance at."""
+"""A run's report: ``report.md`` and its self-contained twin ``report.html``, from the manifest,
+metrics.jsonl, the pool and the stages' own sections. Written after every stage (readable while
+the run goes on) and at the end; ``selftrain report RUN`` writes it again.
+
+Sections, in order: the outcome (status, why the rounds ended, start vs final metrics); the
+checkpoint lineage; every stage with its metrics before and after and the guard's checks;
+held-out metrics across stages and rounds; training loss and rewards; the pool by origin;
+generations before and after on the same held-out prompts; each stage's own section (cluster map,
+curriculum competence, self-play signals, the discriminator game); the config.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from selftrain.report.html import markdown_to_html
+from selftrain.report.lineage import lineage_svg
+from selftrain.report.plots import curves, heldout_metric, pool_by_origin
 from selftrain.stages.base import fmt
-from selftrain.workspace import Workspace, atomic_write_figure, atomic_write_text
+from selftrain.workspace import Workspace, atomic_write_text
+
+SUMMARY = ("heldout_ppl", "heldout_loss", "heldout_entropy", "distinct_1", "distinct_2", "self_bleu",
+           "repetition_rate")
 
 
 def stage_rows(manifest: dict) -> list[dict]:
@@ -16,48 +32,151 @@ def stage_rows(manifest: dict) -> list[dict]:
         rows.append({
             "stage": e["key"], "status": e.get("status"), "decision": e.get("decision", "-"),
             "ppl_before": before.get("heldout_ppl"), "ppl_after": after.get("heldout_ppl"),
-            "distinct_2": after.get("distinct_2"), "seconds": e.get("seconds"),
+            "distinct_2": after.get("distinct_2"), "seconds": e.get("seconds"), "steps": e.get("steps"),
             "attempts": e.get("attempts"), "reason": e.get("reason", ""),
         })
     return rows
 
 
+def _cell(text) -> str:
+    """Table-safe text: a pipe or a newline would break the Markdown table."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _fence(text: str) -> list[str]:
+    """Model-written text as a code block: shown verbatim, never rendered as Markdown or HTML."""
+    ticks = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return [ticks + "text", text, ticks]
+
+
 def write_report(ws: Workspace) -> Path:
     manifest = ws.load_manifest()
-    rows = stage_rows(manifest)
-    plots = _plots(ws, manifest)
-    base, final = manifest.get("baseline_metrics", {}), manifest.get("final_metrics") or manifest.get(
-        "accepted_metrics", {})
-    lines = [
-        f"# selftrain run `{manifest['run_name']}`", "",
-        f"Status: **{manifest['status']}**. Model kind: {manifest['model_kind']}. "
-        f"Data: {manifest['data'].get('train_documents')} train / {manifest['data'].get('heldout_documents')} "
-        "held-out documents.", "",
-        "| metric | start | final |", "|---|---|---|",
-    ]
+    md = _markdown(ws, manifest)
+    path = ws.root / "report.md"
+    atomic_write_text(path, md)
+    atomic_write_text(ws.root / "lineage.svg", lineage_svg(manifest))
+    html = markdown_to_html(md, ws.root, f"selftrain run {manifest['run_name']}",
+                            svg_inline={"lineage.svg": lineage_svg(manifest)})
+    atomic_write_text(ws.root / "report.html", html)
+    return path
+
+
+def _markdown(ws: Workspace, manifest: dict) -> str:
+    base = manifest.get("baseline_metrics", {})
+    final = manifest.get("final_metrics") or manifest.get("accepted_metrics", {})
+    stages = manifest.get("stages", [])
+    lines = [f"# selftrain run `{manifest['run_name']}`", ""]
+    status = f"Status: **{manifest['status']}**"
+    stop = manifest.get("stop")
+    if stop:
+        status += f"; the rounds ended after round {stop.get('rounds')}: {stop['reason']}"
+    elif manifest["status"] == "running":
+        status += " (this report is rewritten after every stage)"
+    counts = {s: sum(e.get("status") == s for e in stages) for s in ("accepted", "rolled_back", "failed", "skipped")}
+    minutes = sum((e.get("seconds") or 0) + (e.get("eval_seconds") or 0) for e in stages) / 60
+    lines += [status + ".", "",
+              f"Model: {manifest['model_kind']} LM. Data: {manifest['data'].get('train_documents')} train / "
+              f"{manifest['data'].get('heldout_documents')} held-out documents. Stages: "
+              + ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n)
+              + f"; {minutes:.1f} minutes of stages and evaluations.", ""]
+
     task_keys = sorted(k for k in {**base, **final} if "shot_" in k and not k.endswith("_stderr"))
-    for k in ("heldout_ppl", "heldout_loss", "heldout_entropy", "distinct_1", "distinct_2", "repetition_rate",
-              *task_keys):
+    lines += ["| metric (held-out, real text) | start | final |", "|---|---|---|"]
+    for k in (*SUMMARY, *task_keys):
         if k in base or k in final:
             lines.append(f"| {k} | {fmt(base.get(k), 3)} | {fmt(final.get(k), 3)} |")
-    acc_keys = [k for k in task_keys if k.endswith("_acc")]
-    lines += ["", "## Stages", "", "| stage | decision | ppl before | ppl after | distinct-2 | "
-              + "".join(f"{k} | " for k in acc_keys) + "seconds | reason |",
-              "|---|---|---|---|---|" + "---|" * len(acc_keys) + "---|---|"]
-    after_by_key = {e["key"]: e.get("metrics_after") or {} for e in manifest.get("stages", [])}
-    for r in rows:
-        after = after_by_key.get(r["stage"], {})
-        lines.append(f"| {r['stage']} | {r['decision']} | {fmt(r['ppl_before'])} | {fmt(r['ppl_after'])} | "
-                     f"{fmt(r['distinct_2'], 3)} | " + "".join(f"{fmt(after.get(k), 3)} | " for k in acc_keys)
-                     + f"{fmt(r['seconds'], 1)} | {r['reason']} |")
+
+    lines += ["", "## Checkpoint lineage", "",
+              "The accepted chain runs along the top from the start model to the final one; an attempt the "
+              "guard rolled back (or that failed, or a budget skipped) hangs below the checkpoint it started from.",
+              "", "![checkpoint lineage](lineage.svg)"]
+    lines += _stage_table(manifest, task_keys)
+    lines += _checks(stages)
+    lines += _figures(ws, manifest, task_keys)
+    lines += _generations(ws, manifest)
     lines += _stage_sections(manifest)
-    for title, name in plots:
-        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    if ws.config_path.exists():
+        lines += ["", "## Config", "", *_fence(ws.config_path.read_text(encoding="utf-8").rstrip())]
     lines += ["", "Full record: `manifest.json` (decisions), `metrics.jsonl` (every log line), "
               "`stages/<key>/samples.txt` (what the model wrote after each stage).", ""]
-    path = ws.root / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    return "\n".join(lines)
+
+
+def _stage_table(manifest: dict, task_keys: list[str]) -> list[str]:
+    acc_keys = [k for k in task_keys if k.endswith("_acc")]
+    lines = ["", "## Stages", "",
+             "| stage | decision | ppl before | ppl after | distinct-2 | self-BLEU | "
+             + "".join(f"{k} | " for k in acc_keys) + "steps | seconds | reason |",
+             "|---|---|---|---|---|---|" + "---|" * len(acc_keys) + "---|---|---|"]
+    for e, r in zip(manifest.get("stages", []), stage_rows(manifest)):
+        after = e.get("metrics_after") or {}
+        lines.append(f"| {r['stage']} | {r['decision'] if r['decision'] != '-' else r['status']} | "
+                     f"{fmt(r['ppl_before'])} | {fmt(r['ppl_after'])} | {fmt(r['distinct_2'], 3)} | "
+                     f"{fmt(after.get('self_bleu'), 3)} | " + "".join(f"{fmt(after.get(k), 3)} | " for k in acc_keys)
+                     + f"{fmt(r['steps'])} | {fmt(r['seconds'], 1)} | {_cell(r['reason'])} |")
+    return lines
+
+
+def _checks(stages: list[dict]) -> list[str]:
+    rows = [(e["key"], c) for e in stages for c in e.get("checks") or []]
+    if not rows:
+        return []
+    lines = ["", "## The guard's checks", "",
+             "Each stage is judged on its target (or the guard metric), on every protected metric (per stage "
+             "and against the run's best: the drift budget) and by the collapse detectors.", "",
+             "| stage | check | passed | detail |", "|---|---|---|---|"]
+    lines += [f"| {key} | {c['name']} | {'yes' if c['ok'] else '**no**'} | {_cell(c['detail'])} |" for key, c in rows]
+    return lines
+
+
+def _figures(ws: Workspace, manifest: dict, task_keys: list[str]) -> list[str]:
+    lines: list[str] = []
+
+    def figure(title: str, path: Path | None, text: str = "") -> None:
+        if path is not None:
+            lines.extend(["", f"## {title}", "", *([text, ""] if text else []), f"![{title}]({path.name})"])
+
+    figure("Held-out perplexity across stages and rounds", heldout_metric(ws, manifest, "heldout_ppl",
+                                                                          ws.root / "heldout_ppl.png"),
+           "Measured on held-out real text after every stage. Dots: each stage's model; line: the accepted one.")
+    for k in (k for k in task_keys if k.endswith("_acc")):
+        figure(f"{k} across stages", heldout_metric(ws, manifest, k, ws.root / f"{k}.png"))
+    figure("Training loss", curves(ws, "loss", "training loss", ws.root / "train_loss.png", phases=("train",)))
+    figure("Rewards", curves(ws, "reward", "mean reward", ws.root / "rewards.png"),
+           "The mean reward of every GRPO step (self-play, the adversarial game).")
+    path, steps = pool_by_origin(ws, manifest, ws.root / "pool_by_origin.png")
+    figure("The pool by origin", path, "Rows in the training pool after set-up and after each stage that added "
+           "some; synthetic rows are capped by guard.max_synthetic_fraction.")
+    if steps:
+        origins = sorted({o for _, c in steps for o in c}, key=lambda o: (o != "real", o))
+        lines += ["", "| after | " + " | ".join(origins) + " |", "|---|" + "---|" * len(origins)]
+        lines += [f"| {s} | " + " | ".join(str(c.get(o, 0)) for o in origins) + " |" for s, c in steps]
+    return lines
+
+
+def _generations(ws: Workspace, manifest: dict) -> list[str]:
+    """The start model's samples and the final accepted model's, continuing the same held-out prompts."""
+    before = manifest.get("initial_samples") or []
+    accepted = [e for e in manifest.get("stages", []) if e.get("status") == "accepted" and e.get("checkpoint")]
+    after: list[str] = []
+    if accepted:
+        path = ws.stage_dir(accepted[-1]["key"]) / "samples.txt"
+        if path.exists():
+            after = path.read_text(encoding="utf-8").rstrip("\n").split("\n\n---\n\n")[:len(before) or 4]
+    if not before:
+        return []
+    prompts = manifest.get("sample_prompts") or []
+    lines = ["", "## Generations before and after", "",
+             "The same held-out prompts, continued by the start model and by the final one "
+             f"({accepted[-1]['key'] if accepted else 'no stage changed the model'}); sampled at eval.temperature."]
+    for i, sample in enumerate(before):
+        lines += ["", f"**Prompt {i + 1}**", ""]
+        if i < len(prompts):
+            lines += [*_fence(prompts[i]), ""]
+        lines += ["Start:", "", *_fence(sample)]
+        if i < len(after):
+            lines += ["", "Final:", "", *_fence(after[i])]
+    return lines
 
 
 def _stage_sections(manifest: dict) -> list[str]:
@@ -76,46 +195,3 @@ def _stage_sections(manifest: dict) -> list[str]:
         if body:
             lines += ["", f"## {e['key']}", "", body.strip()]
     return lines
-
-
-def _plots(ws: Workspace, manifest: dict) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = []
-    labels = ["start"] + [e["key"] for e in manifest["stages"] if e.get("metrics_after")]
-    ppl = [manifest["baseline_metrics"].get("heldout_ppl")] + [
-        e["metrics_after"].get("heldout_ppl") for e in manifest["stages"] if e.get("metrics_after")]
-    ppl = [min(p, 1e12) if isinstance(p, (int, float)) else float("nan") for p in ppl]  # inf stays plottable
-    colours = ["grey"] + ["tab:green" if e.get("decision") == "accepted" else "tab:red"
-                          for e in manifest["stages"] if e.get("metrics_after")]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 3.2))
-    ax.bar(range(len(labels)), ppl, color=colours)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("after each stage (green accepted, red rolled back)", fontsize=9)
-    fig.tight_layout()
-    _save(fig, ws.root / "heldout_ppl.png")
-    out.append(("Held-out perplexity", "heldout_ppl.png"))
-
-    train = [m for m in ws.read_metrics() if m.get("phase") == "train" and "loss" in m]
-    if train:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for key in dict.fromkeys(m["stage"] for m in train):
-            pts = [(m["step"], m["loss"]) for m in train if m["stage"] == key]
-            ax.plot(*zip(*pts), label=key, marker=".")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        _save(fig, ws.root / "train_loss.png")
-        out.append(("Training loss", "train_loss.png"))
-    return out
-
-
-def _save(fig, path: Path) -> None:
-    """Render in memory, then write atomically: a kill never leaves half a PNG."""
-    atomic_write_figure(fig, path, dpi=110)

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selftrain.config import RunConfig, format_validation_error, unknown_name
 from selftrain.data.pool import Pool
@@ -79,9 +79,13 @@ from selftrain.modeling.factory import load_checkpoint
 
 
 class StageConfig(BaseModel):
-    """Base of every stage's Config: unknown options are errors."""
+    """Base of every stage's Config: unknown options are errors. ``target`` is read by the guard."""
 
     model_config = ConfigDict(extra="forbid")
+
+    target: str | None = Field(
+        None, description="Evaluation metric this stage sets out to raise (e.g. arith_0shot_acc): the guard asks it "
+        "to rise, and lets protected metrics give up to guard.forgetting_budget.")
 
 
 @dataclass

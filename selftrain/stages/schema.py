@@ -44,7 +44,9 @@ def _nested(annotation: Any) -> type[BaseModel] | None:
 def option_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(option, type, default, description) for every field, nested sections flattened with dots."""
     rows = []
-    for name, info in model.model_fields.items():
+    # the option every stage shares (the guard's target) comes last, after the stage's own
+    fields = sorted(model.model_fields.items(), key=lambda item: item[0] == "target" and not prefix)
+    for name, info in fields:
         key = f"{prefix}{name}"
         nested = _nested(info.annotation)
         if nested is not None and info.default is not None:  # a section: its own rows show the defaults

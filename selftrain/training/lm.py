@@ -25,7 +25,7 @@ from selftrain.data.packing import count_tokens
 from selftrain.errors import SelftrainError
 from selftrain.training.adapters import LoraOptions, attach, merge
 from selftrain.training.arguments import build_arguments, check_scheduler, check_trainer_args
-from selftrain.training.callbacks import MetricsCallback
+from selftrain.training.callbacks import MetricsCallback, quiet_if_live
 from selftrain.training.precision import Precision, resolve_precision
 from selftrain.training.sampling import OrderedSampling, check_order
 from selftrain.training.tracking import tracking_dir, tracking_into
@@ -154,6 +154,7 @@ def lm_train(model, tokenizer, blocks: datasets.Dataset, opts: LMOptions, *, obj
     callback = MetricsCallback(log, stage_key)
     trainer = LMTrainer(model=model, args=args, train_dataset=blocks, data_collator=collator,
                         callbacks=[callback, *(callbacks or [])], order=order)
+    quiet_if_live(trainer)
     # every rank resumes from rank 0's checkpoint (the others keep none of their own)
     resume = distributed.broadcast(last_complete_checkpoint(out_dir))
     if resume:  # the runner dropped the killed attempt's records: the checkpoint's log replays them

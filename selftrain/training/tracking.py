@@ -24,8 +24,11 @@ def tracking_dir(out_dir: Path) -> Path:
 def train_and_clean(trainer, out_dir: Path, callbacks=()):
     """``trainer.train()`` with ``callbacks`` added and tracking kept inside the stage, then remove
     ``out_dir`` (a scratch folder: nothing is saved there, the stage saves the model); its output."""
+    from selftrain.training.callbacks import quiet_if_live
+
     for cb in callbacks:
         trainer.add_callback(cb)
+    quiet_if_live(trainer)
     with tracking_into(trainer, tracking_dir(out_dir)):
         out = trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
