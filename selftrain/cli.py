@@ -100,14 +100,16 @@ def inspect(
 
         with Live(_inspection(ws), console=console, refresh_per_second=4, auto_refresh=False) as live:
             while True:
-                view = _inspection(ws)
-                live.update(view, refresh=True)
+                live.update(_inspection(ws), refresh=True)
                 if ws.load_manifest()["status"] != "running":
+                    break
+                if not ws.in_use():  # killed, or stopped: nothing will change until it is run again
+                    live.update(_inspection(ws, stopped=True), refresh=True)
                     break
                 time.sleep(every)
 
 
-def _inspection(ws):
+def _inspection(ws, stopped: bool = False):
     """The run's header, its stage table and (while it runs) the current stage's progress line."""
     from rich.console import Group
 
@@ -118,7 +120,9 @@ def _inspection(ws):
              f"current checkpoint {manifest['current_checkpoint']}", stage_table(manifest, reasons=True)]
     if manifest.get("stop"):
         parts.append(f"rounds ended after round {manifest['stop'].get('rounds')}: {manifest['stop']['reason']}")
-    if manifest["status"] == "running":
+    if manifest["status"] == "running" and stopped:
+        parts.append("no selftrain process is running this run (it was interrupted); run its command again to resume")
+    elif manifest["status"] == "running":
         running = [e["key"] for e in manifest["stages"] if e["status"] == "running"]
         line = progress_line(read_progress(ws.root))
         parts.append(line or (f"{running[-1]}: running (no training step yet)" if running else "between stages"))

@@ -69,7 +69,10 @@ def best_values(guard: GuardConfig, history: list[dict]) -> dict[str, float]:
 
 
 def _limit(value: float, tolerance: float, lower: bool) -> float:
-    return value + abs(value) * tolerance if lower else value - abs(value) * tolerance
+    """The worst value still within ``tolerance`` of ``value`` (relative; at zero, where nothing is
+    relative to it, the tolerance counts as an absolute amount)."""
+    room = abs(value) * tolerance if value != 0 else tolerance
+    return value + room if lower else value - room
 
 
 def _within(after: float, limit: float, lower: bool) -> bool:

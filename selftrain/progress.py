@@ -3,8 +3,8 @@ it, and ``progress.json`` in the run directory for ``selftrain inspect RUN --fol
 
 The runner hands each stage a ``StageLog`` as its ``log``: log records go on to metrics.jsonl; the
 trainers' ``phase: "progress"`` records (``training.callbacks.ProgressReporter``) only move the
-line and the file; and every record with a ``step`` counts the stage's optimizer steps (a step
-lower than the last starts another trainer), which the run's step budgets read."""
+line and the file, and count the stage's optimizer steps (a record with ``start`` begins another
+trainer: its steps add to those before), which the run's step budgets read."""
 
 from __future__ import annotations
 
@@ -39,16 +39,14 @@ class StageLog:
         return self.done + self.last
 
     def __call__(self, record: dict) -> None:
-        step = record.get("step")
-        if isinstance(step, int) and not isinstance(step, bool):
-            if step < self.last:  # another trainer of the same stage
-                self.done += self.last
-                self.trainer_start = None
-            self.last = step
-        if record.get("phase") == "progress":
-            self._progress(record)
+        if record.get("phase") != "progress":
+            self.log(record)
             return
-        self.log(record)
+        if record.get("start"):  # another trainer of the stage (a resumed one starts at its checkpoint's step)
+            self.done += self.last
+            self.trainer_start = None
+        self.last = record["step"]
+        self._progress(record)
 
     def _progress(self, record: dict) -> None:
         step, total = record["step"], record.get("max_steps") or record["step"]

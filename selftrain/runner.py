@@ -154,9 +154,7 @@ class Runner:
         # the prompts every evaluation's samples continue: the report shows them before and after
         prompts = sample_prompts(heldout_texts, tokenizer, cfg.eval.samples, cfg.eval.prompt_tokens)[:4] \
             if kind == "causal" and cfg.eval.samples > 0 else []
-        if cfg.guard.metric not in baseline:
-            raise SelftrainError(f"guard.metric {cfg.guard.metric!r} is not computed; available: "
-                                 f"{', '.join(sorted(baseline))}")
+        self._check_metric_names(baseline)
         self.ws.metrics_path.unlink(missing_ok=True)  # left by a set-up that was interrupted
         atomic_write_text(self.ws.config_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         Pool(train).save(self.ws.data_dir / "pool")
@@ -174,6 +172,17 @@ class Runner:
         }
         self.ws.save_manifest(manifest)
         return manifest
+
+    def _check_metric_names(self, baseline: dict) -> None:
+        """guard.metric, guard.protect and every stage's target must be metrics the evaluation computes:
+        a typo is refused now, not after a stage has run and been rolled back for it."""
+        named = [("guard.metric", self.cfg.guard.metric), *(("guard.protect", m) for m in self.cfg.guard.protect),
+                 *((f"stages[{i}].{spec.name}.target", spec.config.target) for i, spec in enumerate(self.specs)
+                   if spec.config.target is not None)]
+        for where, name in named:
+            if name not in baseline:
+                raise SelftrainError(f"{where} {name!r} is not a metric the evaluation computes; it computes: "
+                                     f"{', '.join(sorted(k for k in baseline if not k.startswith('diverged')))}")
 
     def _preflight(self, specs, model, tokenizer, kind: str, train_texts: Sequence[str]) -> None:
         report_to_value(self.cfg.run.report_to)  # a missing tracker package is refused now, not mid-run
@@ -200,6 +209,7 @@ class Runner:
                                      f"its stages are {', '.join(keys) or 'none yet'}")
             cut = keys.index(self.restart_from)
         self._check_config(manifest, entries[:cut])
+        self._check_metric_names(manifest["baseline_metrics"])
         finished = {e["key"] for e in entries[:cut] if e["status"] in DONE}
         todo = [spec for key, _, _, spec in self.plan() if key not in finished]
         if todo:
@@ -302,7 +312,9 @@ class Runner:
                 if budget:  # this round's budget: its later stages are recorded as skipped
                     entry = entries[key] = {"key": key, "round": rnd, "index": idx, "name": spec.name, "attempts": 0,
                                             "status": "skipped", "decision": "skipped", "reason": budget[1],
-                                            "fingerprint": stage_fingerprint(spec)}
+                                            "fingerprint": stage_fingerprint(spec),
+                                            "start_checkpoint": manifest["current_checkpoint"],
+                                            "metrics_before": manifest["accepted_metrics"]}
                     manifest["stages"].append(entry)
                     ws.save_manifest(manifest)
                     self.console.print(f"[yellow]{key} skipped[/]: {budget[1]}")
@@ -393,8 +405,9 @@ class Runner:
         # the best value of each protected metric so far: the drift budget is measured from it
         history = [manifest["baseline_metrics"], *(e["metrics_after"] for e in manifest["stages"]
                                                    if e["status"] == "accepted")]
-        decision = judge(cfg.guard, before, after, result.metrics, target_metric=spec.config.target,
-                         best=best_values(cfg.guard, history))
+        # rank 0 decides: a threshold met on one rank's floats and missed on another's must not split them
+        decision = distributed.broadcast(judge(cfg.guard, before, after, result.metrics,
+                                               target_metric=spec.config.target, best=best_values(cfg.guard, history)))
         accepted, reason = decision.accepted, decision.reason
         entry.update(
             status="accepted" if accepted else "rolled_back", decision="accepted" if accepted else "rolled_back",
@@ -501,7 +514,11 @@ class Runner:
         from selftrain.report.card import model_card
 
         # the card goes in with the weights: final/ appears whole, card included, or not at all
-        atomic_write_text(tmp / "README.md", model_card(ws, manifest, self.cfg.model_dump(mode="json")))
+        try:
+            card = model_card(ws, manifest, self.cfg.model_dump(mode="json"))
+        except Exception as e:  # a card must never make a finished run unfinishable
+            card = f"# {manifest['run_name']}\n\nTrained by selftrain. (The full card failed: {type(e).__name__}: {e}.)\n"
+        atomic_write_text(tmp / "README.md", card)
         replace_dir(tmp, ws.final_dir)
         ws.save_manifest(manifest)
         for path in ws.data_dir.glob("pool-*"):  # superseded pool versions

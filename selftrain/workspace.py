@@ -257,6 +257,20 @@ class Workspace:
                                  "(setting it up or training); wait for it, or stop it first") from None
         self._lock_file = f
 
+    def in_use(self) -> bool:
+        """Whether a selftrain process holds this run's lock now (asked without taking it for long)."""
+        try:
+            f = open(self.root / ".lock")
+        except FileNotFoundError:
+            return False
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
     @contextmanager
     def locked(self):
         """Hold the lock for the block, released on every path. A directory this call made is

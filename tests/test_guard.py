@@ -3,6 +3,7 @@ and since the run's best), and named collapse detectors roll back a stage whose 
 itself, even when its perplexity would pass."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -144,3 +145,26 @@ def test_a_run_stops_accepting_once_the_drift_budget_is_spent(tmp_path, corpus_f
     assert [c["name"] for c in stages[1]["checks"] if not c["ok"]] == ["drift heldout_ppl"]
     assert [c["name"] for c in stages[3]["checks"] if not c["ok"]] == ["drift heldout_ppl"]  # 110 vs 104: +5.8%
     assert all(c["ok"] for c in stages[1]["checks"] if c["name"] == "protect heldout_ppl")  # each step passed
+
+
+def test_at_zero_the_tolerance_is_an_absolute_amount():
+    g = GuardConfig(metric="repetition_rate", tolerance=0.02, drift_budget=0.05, min_distinct_2=None)
+    best = best_values(g, [{"repetition_rate": 0.0}])
+    assert judge(g, {"repetition_rate": 0.0}, {"repetition_rate": 0.01}, best=best).accepted
+    assert not judge(g, {"repetition_rate": 0.0}, {"repetition_rate": 0.03}, best=best).accepted
+
+
+@pytest.mark.parametrize("where, sections, stages", [
+    ("stages[0].unchanged.target", {}, [{"unchanged": {"target": "arith_0shot_acc"}}]),  # no such task scored
+    ("guard.protect", {"guard": {"protect": ["heldout_pplx"]}}, ["unchanged"]),
+])
+def test_a_metric_name_the_evaluation_lacks_is_refused_before_anything_is_written(tmp_path, corpus_file,
+                                                                                  monkeypatch, where, sections,
+                                                                                  stages):
+    from selftrain.errors import SelftrainError
+
+    monkeypatch.setitem(REGISTRY, "unchanged", Unchanged)
+    cfg = micro_config(tmp_path / "run", corpus_file, stages, **sections)
+    with pytest.raises(SelftrainError, match=rf"{re.escape(where)} .* is not a metric the evaluation computes"):
+        Runner(config_from_dict(cfg)).run()
+    assert not (tmp_path / "run" / "manifest.json").exists()

@@ -22,6 +22,7 @@ from selftrain.progress import read_progress
 from selftrain.runner import Runner
 from selftrain.stages import REGISTRY
 from tests.conftest import micro_config, pretrain, write_config
+from tests.example_stage import LengthClassesStage  # noqa: F401  (registers example_lengths)
 from tests.test_runner import NanWeights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +125,29 @@ def test_inspect_follow_ends_with_a_finished_run(finished):
     assert "r2-03-example_lengths" in result.output and "rounds ended after round 2" in result.output
 
 
+def test_the_progress_line_and_the_run_lock_seen_from_outside(tmp_path):
+    from selftrain.progress import progress_line
+    from selftrain.workspace import Workspace
+
+    line = progress_line({"stage": "r1-02-pretrain", "step": 40, "max_steps": 300, "eta_seconds": 125.0,
+                          "metrics": {"loss": 3.21}, "time": time.time()})
+    assert line == "r1-02-pretrain: step 40/300, ETA 2:05  loss 3.21"
+    assert "updated" in progress_line({"stage": "x", "step": 1, "max_steps": 2, "eta_seconds": None,
+                                       "metrics": {}, "time": time.time() - 100})
+    ws = Workspace(tmp_path / "run")
+    assert not ws.in_use()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from selftrain.workspace import Workspace; "
+                               "w = Workspace(sys.argv[1]); w.lock(); print('locked', flush=True); time.sleep(60)",
+                               str(ws.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert ws.in_use()  # another process holds it
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not ws.in_use()  # the kernel released it with the process
+
+
 def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "selftrain", *map(str, args)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
@@ -142,7 +166,8 @@ def test_killed_in_round_two_the_rerun_completes_the_report(tmp_path, corpus_fil
         if progress_seen is None and running == ["r1-02-pretrain"]:
             progress_seen = read_progress(run_dir)  # live, while it trains
             if progress_seen:
-                follow = _cli("inspect", run_dir, "--follow", "--every", "0.2")  # watches until told to stop
+                follow = _cli("inspect", run_dir, "--follow", "--every", "0.2",  # watches while the run lives
+                              env={**os.environ, "COLUMNS": "200"})
         if running == ["r2-02-pretrain"] and list((run_dir / "stages" / running[0] / "trainer").glob("checkpoint-*")):
             os.kill(proc.pid, signal.SIGKILL)
             killed = True
@@ -151,11 +176,9 @@ def test_killed_in_round_two_the_rerun_completes_the_report(tmp_path, corpus_fil
     proc.wait()
     assert killed, proc.stdout.read()
     assert progress_seen and progress_seen["stage"] == "r1-02-pretrain" and progress_seen["max_steps"] == 300
-    time.sleep(3)
-    follow.send_signal(signal.SIGINT)  # watching stops (the run was killed meanwhile: it shows it as running)
-    watched, _ = follow.communicate(timeout=60)
-    assert follow.returncode == 130 and "stopped watching" in watched, watched
-    assert "r2-02-pretrain" in watched and ": step " in watched and "ETA" in watched, watched
+    watched, _ = follow.communicate(timeout=60)  # the run is gone: watching ends by itself
+    assert follow.returncode == 0 and "no selftrain process is running this run" in watched, watched
+    assert "r2-02-pretrain" in watched and "running" in watched, watched
     assert "<svg" in (run_dir / "report.html").read_text()  # written after each stage: there mid-run
 
     rerun = _cli("run", path)
@@ -169,3 +192,14 @@ def test_killed_in_round_two_the_rerun_completes_the_report(tmp_path, corpus_fil
     for key in keys:
         assert html.count(f'data-key="{key}"') == 1  # one lineage node per stage execution
     assert "Status: <strong>finished</strong>" in html and (run_dir / "final" / "README.md").exists()
+
+
+def test_an_image_that_is_not_a_file_of_the_run_is_never_fetched(tmp_path):
+    from selftrain.report.html import markdown_to_html
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "outside.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    md = ('![a](http://evil.example/p.png "with a title")\n\n![b](../outside.png)\n\n'
+          "![c](data:image/png;base64,AAAA)\n\n<img src=x onerror=alert(1)>")
+    html = markdown_to_html(md, tmp_path / "run", "t")
+    assert "<img" not in html and html.count("image not shown") == 3 and "&lt;img src=x" in html

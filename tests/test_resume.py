@@ -242,12 +242,28 @@ def test_adding_rounds_or_stages_runs_just_the_new_ones(finished, tmp_path):
         Runner(config_from_dict(cfg)).run()
 
 
-def test_the_version_1_fingerprint_is_what_the_previous_release_computed():
-    """Pinned from the release before per-stage fingerprints (commit 4974588), on configs/demo.yaml:
-    a section added since (sandbox) must not change it, or no older run could resume."""
+DEMO_BEFORE_VERSION_2 = """\
+run: {name: demo, seed: 0}
+model:
+  preset: tiny
+  vocab_size: 4096
+data: {train: "builtin:pydocs", heldout_fraction: 0.05}
+guard: {metric: heldout_ppl, tolerance: 0.02}
+eval: {max_tokens: 16384, samples: 16, max_new_tokens: 40}
+rounds: 1
+stages:
+  - pretrain: {objective: clm, max_steps: 600, block_size: 128, batch_size: 16, learning_rate: 2.0e-3}
+"""
+
+
+def test_the_version_1_fingerprint_is_what_the_previous_release_computed(tmp_path):
+    """Pinned from the release before per-stage fingerprints (commit 4974588), on its configs/demo.yaml:
+    sections and options added since (sandbox, stop, the guard's budgets) must not change it, or no
+    older run could resume."""
     from selftrain.config import load_config
 
-    assert load_config(REPO / "configs" / "demo.yaml").fingerprint() == "85b2bcc3cc3fd44d"
+    (tmp_path / "demo.yaml").write_text(DEMO_BEFORE_VERSION_2)
+    assert load_config(tmp_path / "demo.yaml").fingerprint() == "85b2bcc3cc3fd44d"
 
 
 def test_a_version_1_manifest_resumes_with_the_same_config_only(finished, tmp_path):

@@ -85,11 +85,16 @@ def test_a_stopped_run_resumes_to_the_same_stop_and_goes_on_with_a_larger_budget
 def test_stage_log_counts_the_steps_of_every_trainer_of_a_stage():
     seen = []
     count = StageLog(seen.append, "r1-01-x")
-    for step in (5, 10, 30, 5, 10, 12):  # one trainer to 30, a second to 12
-        count({"step": step, "loss": 1.0})
-    count({"phase": "eval"})
-    count({"phase": "progress", "step": 13, "max_steps": 20})  # moves the line only: not logged
-    assert count.total == 43 and len(seen) == 7
+    count({"phase": "progress", "start": True, "step": 0, "max_steps": 30})
+    for step in (5, 10, 30):  # one trainer to 30
+        count({"phase": "progress", "step": step, "max_steps": 30})
+    count({"phase": "progress", "start": True, "step": 0, "max_steps": 1})
+    count({"phase": "progress", "step": 1, "max_steps": 1})  # a second, of one step
+    count({"phase": "progress", "start": True, "step": 20, "max_steps": 40})  # a third, resumed at 20
+    count({"phase": "progress", "step": 40, "max_steps": 40})
+    count({"stage": "r1-01-x", "phase": "adversarial", "event": "weakened", "step": 99})  # logged, not counted
+    count({"phase": "train", "step": 5, "loss": 1.0})
+    assert count.total == 30 + 1 + 40 and len(seen) == 2  # progress records move the line only: not logged
 
 
 def test_rounds_auto_and_stop_options_are_validated(tmp_path, corpus_file):
@@ -99,3 +104,13 @@ def test_rounds_auto_and_stop_options_are_validated(tmp_path, corpus_file):
         config_from_dict(micro_config(tmp_path, corpus_file, ["pretrain"], stop={"patience": 0}))
     with pytest.raises(SelftrainError, match="unknown key 'max_minute'"):
         config_from_dict(micro_config(tmp_path, corpus_file, ["pretrain"], stop={"max_minute": 3}))
+
+
+def test_a_skipped_stage_can_be_redone_with_restart_from(tmp_path, corpus_file):
+    stages = [pretrain(max_steps=4, save_steps=100, logging_steps=2), pretrain(max_steps=2, save_steps=100)]
+    cfg = micro_config(tmp_path / "run", corpus_file, stages, stop={"round_max_steps": 3})
+    manifest = Runner(config_from_dict(cfg)).run()
+    assert [e["status"] for e in manifest["stages"]] == ["accepted", "skipped"]
+    cfg["stop"] = {}
+    again = Runner(config_from_dict(cfg), restart_from="r1-02-pretrain").run()
+    assert [e["status"] for e in again["stages"]] == ["accepted", "accepted"] and again["stages"][1]["steps"] == 2

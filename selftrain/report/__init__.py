@@ -44,7 +44,9 @@ def _cell(text) -> str:
 
 
 def _fence(text: str) -> list[str]:
-    """Model-written text as a code block: shown verbatim, never rendered as Markdown or HTML."""
+    """Model-written text as a code block: shown verbatim, never rendered as Markdown or HTML (control
+    characters a byte-level tokenizer can emit are shown as U+FFFD)."""
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "\ufffd", text)
     ticks = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
     return [ticks + "text", text, ticks]
 
@@ -118,14 +120,19 @@ def _stage_table(manifest: dict, task_keys: list[str]) -> list[str]:
 
 
 def _checks(stages: list[dict]) -> list[str]:
-    rows = [(e["key"], c) for e in stages for c in e.get("checks") or []]
+    """One row per stage: the checks that failed, with their numbers, and the names of those that passed."""
+    rows = [e for e in stages if e.get("checks")]
     if not rows:
         return []
     lines = ["", "## The guard's checks", "",
              "Each stage is judged on its target (or the guard metric), on every protected metric (per stage "
              "and against the run's best: the drift budget) and by the collapse detectors.", "",
-             "| stage | check | passed | detail |", "|---|---|---|---|"]
-    lines += [f"| {key} | {c['name']} | {'yes' if c['ok'] else '**no**'} | {_cell(c['detail'])} |" for key, c in rows]
+             "| stage | decision | failed | passed |", "|---|---|---|---|"]
+    for e in rows:
+        failed = "; ".join(f"**{c['name']}**: {c['detail']}" for c in e["checks"] if not c["ok"]) or "-"
+        passed = "; ".join(f"{c['name']} ({c['detail']})" if c["name"].startswith(("target", "synthetic"))
+                           else c["name"] for c in e["checks"] if c["ok"])
+        lines.append(f"| {e['key']} | {e.get('decision', e.get('status'))} | {_cell(failed)} | {_cell(passed) or '-'} |")
     return lines
 
 
@@ -140,7 +147,8 @@ def _figures(ws: Workspace, manifest: dict, task_keys: list[str]) -> list[str]:
                                                                           ws.root / "heldout_ppl.png"),
            "Measured on held-out real text after every stage. Dots: each stage's model; line: the accepted one.")
     for k in (k for k in task_keys if k.endswith("_acc")):
-        figure(f"{k} across stages", heldout_metric(ws, manifest, k, ws.root / f"{k}.png"))
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", k).lstrip(".")  # a task's name comes from its YAML
+        figure(f"{k} across stages", heldout_metric(ws, manifest, k, ws.root / f"{safe}.png"))
     figure("Training loss", curves(ws, "loss", "training loss", ws.root / "train_loss.png", phases=("train",)))
     figure("Rewards", curves(ws, "reward", "mean reward", ws.root / "rewards.png"),
            "The mean reward of every GRPO step (self-play, the adversarial game).")

@@ -53,9 +53,9 @@ def lineage_svg(manifest: dict, metric: str = "heldout_ppl") -> str:
         na, nb = nodes[a], nodes[b]
         x1, y1 = x(a) + WIDTH, y(na["row"]) + HEIGHT / 2
         x2, y2 = x(b), y(nb["row"]) + HEIGHT / 2
-        if nb["row"]:  # an attempt that did not land: from the checkpoint it started from, downwards
-            x1, y1 = x(a) + WIDTH / 2, y(na["row"]) + HEIGHT
-            path = f"M {x1} {y1} C {x1} {y2}, {x2 - 40} {y2}, {x2} {y2}"
+        if nb["row"]:  # an attempt that did not land: down from the checkpoint it started from, along, down
+            x1, bus = x(a) + WIDTH / 2, y(0) + HEIGHT + (ROW_Y - HEIGHT) / 2
+            path = f"M {x1} {y(na['row']) + HEIGHT} V {bus} H {x(b) + WIDTH / 2} V {y(nb['row'])}"
         else:
             path = f"M {x1} {y1} C {x1 + 20} {y1}, {x2 - 20} {y2}, {x2} {y2}"
         dash = ' stroke-dasharray="4,3"' if status != "accepted" else ""

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,17 @@ def discriminator_for(min_score: float | None, state: RunState, option: str):
     disc = Discriminator.load(path)
     disc.model.to(state.device)
     return disc
+
+
+def code_span(text: str, limit: int | None = None) -> str:
+    """Text from the data or the model, for a report line or table cell: one line, cut at ``limit``
+    characters, in a code span long enough that no backtick inside ends it (so it is shown, never
+    rendered as Markdown), pipes escaped for tables."""
+    text = " ".join(str(text).split())
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "…"
+    ticks = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{ticks} {text} {ticks}".replace("|", "\\|")
 
 
 def fmt(value, digits: int = 2) -> str:

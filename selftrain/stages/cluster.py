@@ -36,7 +36,15 @@ from selftrain.modeling.embeddings import (
     load_encoder,
     resolve_embedder,
 )
-from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
+from selftrain.stages.base import (
+    RunState,
+    Stage,
+    StageConfig,
+    StageResult,
+    code_span,
+    fmt,
+    register,
+)
 from selftrain.training.precision import resolve_precision
 from selftrain.workspace import atomic_write_bytes, atomic_write_figure, atomic_write_text
 
@@ -252,7 +260,7 @@ class ClusterStage(Stage):
                  + f". Duplicates marked (kept in the pool, never trained on): {dups}; {m['empty']} empty texts.", "",
                  "| cluster | texts | share | weight | named by | most typical text |", "|---|---|---|---|---|---|"]
         lines += [f"| {c['cluster']} | {c['size']} | {c['share']:.1%} | {c['weight']:.2f} | {c['name']} | "
-                  f"{(c.get('typical') or [''])[0].replace('|', '/')} |" for c in m["clusters"]]
+                  f"{code_span((c.get('typical') or [''])[0], 200)} |" for c in m["clusters"]]
         if m.get("centroid_agreement") is not None:
             lines += ["", f"The saved centroids (embedding space) place {m['centroid_agreement']:.1%} of these texts in "
                           "their own cluster."]

@@ -30,7 +30,15 @@ from selftrain.errors import SelftrainError
 from selftrain.evaluation import difficulty as scorers
 from selftrain.modeling.chat import use_chat
 from selftrain.modeling.factory import save_checkpoint
-from selftrain.stages.base import RunState, Stage, StageConfig, StageResult, fmt, register
+from selftrain.stages.base import (
+    RunState,
+    Stage,
+    StageConfig,
+    StageResult,
+    code_span,
+    fmt,
+    register,
+)
 from selftrain.tasks.families import make_family
 from selftrain.training.adapters import check_adapter
 from selftrain.training.curriculum import draw_curriculum, paced_lm_train
@@ -190,8 +198,8 @@ class CurriculumStage(Stage):
                           + " |", "|---|---|" + "---|" * len(probes[0]["losses"])]
                 lines += [f"| {p['step']} | {p['competence']:.2f} | " + " | ".join(f"{x:.3f}" for x in p["losses"]) + " |"
                           for p in probes]
-        lines += ["", "Easiest: " + " / ".join(f"`{t[:60]}`" for t in m["easiest"]),
-                  "Hardest: " + " / ".join(f"`{t[:60]}`" for t in m["hardest"])]
+        lines += ["", "Easiest: " + " / ".join(code_span(t, 60) for t in m["easiest"]),
+                  "Hardest: " + " / ".join(code_span(t, 60) for t in m["hardest"])]
         arts = entry.get("artefacts") or {}
         for name, title in (("curriculum_competence", "competence"), ("curriculum_bucket_loss", "loss per bucket")):
             if name in arts:

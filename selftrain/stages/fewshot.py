@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 from rich.console import Console
 
+from selftrain import distributed
 from selftrain.data.pool import example_id, make_examples
 from selftrain.data.sources import load_documents
 from selftrain.errors import SelftrainError
@@ -177,7 +178,7 @@ def self_train(model, tokenizer, task: TaskSpec, texts: list[str], cfg: FewshotC
         both = [(previous[t], p) for t, p in zip(drawn, pred) if t in previous]
         agreement = sum(a == b for a, b in both) / len(both) if both else None
         previous = dict(zip(drawn, pred))
-        why = stop_reason(cfg, rnd, mean_confidence, agreement)
+        why = distributed.broadcast(stop_reason(cfg, rnd, mean_confidence, agreement))  # every rank stops together
         if why:  # the last round's model is kept
             history.append({"round": rnd, "stopped": why, "mean_confidence": mean_confidence, "agreement": agreement,
                             "labelled": len(pool)})

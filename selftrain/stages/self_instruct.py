@@ -28,6 +28,7 @@ from selftrain.stages.base import (
     Stage,
     StageConfig,
     StageResult,
+    code_span,
     discriminator_for,
     register,
 )
@@ -248,6 +249,5 @@ class SelfInstructStage(Stage):
         lines = [f"Self-instruct: {m['proposed']} instructions proposed, {m['accepted']} accepted; dropped: "
                  f"{dropped}.", ""]
         for ex in m.get("examples", [])[:3]:
-            response = " ".join(ex["response"].split())
-            lines.append(f"- *{ex['instruction']}* → {response[:160]}{'…' if len(response) > 160 else ''}")
+            lines.append(f"- {code_span(ex['instruction'])} → {code_span(ex['response'], 160)}")
         return "\n".join(lines)

@@ -14,7 +14,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 
 class ProgressReporter(TrainerCallback):
-    """Send ``{"phase": "progress", "step", "max_steps", <last logged loss/reward>}`` at most once a second."""
+    """Send ``{"phase": "progress", "step", "max_steps", <last logged loss/reward>}`` when training
+    begins (with ``start``), at most once a second, and at the last step."""
 
     every_seconds = 1.0
 
@@ -22,6 +23,11 @@ class ProgressReporter(TrainerCallback):
         self.log, self.stage_key = log, stage_key
         self.latest: dict[str, float] = {}
         self._sent = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # marks where this trainer's steps begin
+        self._sent = time.monotonic()
+        self.log({"stage": self.stage_key, "phase": "progress", "start": True, "step": state.global_step,
+                  "max_steps": state.max_steps})
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()
