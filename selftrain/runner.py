@@ -330,9 +330,10 @@ class Runner:
     def _stop(self, manifest: dict, reason: str) -> None:
         """Record why the rounds ended (shown by inspect and the report)."""
         stages = manifest["stages"]
+        minutes, steps = stopping.spent(stages)
         manifest["stop"] = {"reason": reason, "after": stages[-1]["key"] if stages else None,
-                            "rounds": max((e["round"] for e in stages), default=0),
-                            "minutes": round(stopping.spent(stages)[0], 2), "steps": stopping.spent(stages)[1]}
+                            "rounds": max((e["round"] for e in stages), default=0), "minutes": round(minutes, 2),
+                            "steps": steps}
         self.ws.save_manifest(manifest)
         self.console.print(f"[bold]rounds end[/]: {reason}")
 

@@ -56,9 +56,9 @@ def write_report(ws: Workspace) -> Path:
     md = _markdown(ws, manifest)
     path = ws.root / "report.md"
     atomic_write_text(path, md)
-    atomic_write_text(ws.root / "lineage.svg", lineage_svg(manifest))
-    html = markdown_to_html(md, ws.root, f"selftrain run {manifest['run_name']}",
-                            svg_inline={"lineage.svg": lineage_svg(manifest)})
+    svg = lineage_svg(manifest)
+    atomic_write_text(ws.root / "lineage.svg", svg)
+    html = markdown_to_html(md, ws.root, f"selftrain run {manifest['run_name']}", svg_inline={"lineage.svg": svg})
     atomic_write_text(ws.root / "report.html", html)
     return path
 
@@ -149,8 +149,9 @@ def _figures(ws: Workspace, manifest: dict, task_keys: list[str]) -> list[str]:
     for k in (k for k in task_keys if k.endswith("_acc")):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", k).lstrip(".")  # a task's name comes from its YAML
         figure(f"{k} across stages", heldout_metric(ws, manifest, k, ws.root / f"{safe}.png"))
-    figure("Training loss", curves(ws, "loss", "training loss", ws.root / "train_loss.png", phases=("train",)))
-    figure("Rewards", curves(ws, "reward", "mean reward", ws.root / "rewards.png"),
+    records = ws.read_metrics()  # read once for both curves
+    figure("Training loss", curves(records, "loss", "training loss", ws.root / "train_loss.png", phases=("train",)))
+    figure("Rewards", curves(records, "reward", "mean reward", ws.root / "rewards.png"),
            "The mean reward of every GRPO step (self-play, the adversarial game).")
     path, steps = pool_by_origin(ws, manifest, ws.root / "pool_by_origin.png")
     figure("The pool by origin", path, "Rows in the training pool after set-up and after each stage that added "

@@ -59,9 +59,9 @@ def heldout_metric(ws: Workspace, manifest: dict, metric: str, path: Path) -> Pa
     return atomic_write_figure(fig, path, dpi=110)
 
 
-def curves(ws: Workspace, key: str, ylabel: str, path: Path, phases: tuple[str, ...] | None = None) -> Path | None:
-    """One line per stage of ``key`` against the optimizer step, from the run's log."""
-    records = [m for m in ws.read_metrics() if isinstance(m.get(key), (int, float)) and "step" in m
+def curves(log: list[dict], key: str, ylabel: str, path: Path, phases: tuple[str, ...] | None = None) -> Path | None:
+    """One line per stage of ``key`` against the optimizer step, from the run's log records."""
+    records = [m for m in log if isinstance(m.get(key), (int, float)) and "step" in m
                and (phases is None or m.get("phase") in phases)]
     if not records:
         return None
