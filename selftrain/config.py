@@ -106,6 +106,9 @@ class GuardConfig(Section):
     max_synthetic_fraction: float = Field(
         0.5, ge=0, le=1, description="Cap on synthetic examples as a share of the whole pool (the excess is dropped)."
     )
+    scrub: list[Literal["email", "phone", "key"]] = Field(
+        default_factory=lambda: ["email", "phone", "key"], description="Replaced in synthetic text before it enters "
+        "the pool: e-mail addresses, phone numbers, key-like strings ([] keeps text as the model wrote it).")
     min_distinct_2: float | None = Field(
         0.05, description="Collapse detector: roll back if the samples' distinct-2 falls below this."
     )
@@ -219,7 +222,7 @@ class RunConfig(Section):
 
 # guard options added later (targets, budgets, more detectors): not in the version-1 hash
 GUARD_ADDED = ("min_target_gain", "protect", "forgetting_budget", "drift_budget", "max_self_bleu",
-            "max_heldout_ppl")
+               "max_heldout_ppl", "scrub")
 
 
 def _hash(obj) -> str:

@@ -30,11 +30,12 @@ import torch
 import yaml
 from rich.console import Console
 
-from selftrain import distributed, stopping
+from selftrain import distributed, faults, integrity, stopping
 from selftrain.config import RunConfig
 from selftrain.data.arrowfile import text_batches
 from selftrain.data.pool import Pool, plain_annotations, prepare_corpus
-from selftrain.errors import SelftrainError
+from selftrain.data.scrub import scrub_examples
+from selftrain.errors import DiskFull, SelftrainError, disk_full
 from selftrain.evaluation import evaluate, sample_prompts
 from selftrain.guard import best_values, judge
 from selftrain.modeling.factory import (
@@ -68,7 +69,7 @@ SETUP_FILES = {".lock", "config.yaml", "data", "checkpoints", "metrics.jsonl", "
 # What an attempt records about its outcome; cleared when the stage is tried again.
 OUTCOME = ("decision", "reason", "checks", "metrics_after", "stage_metrics", "checkpoint", "checkpoint_deleted",
            "seconds", "eval_seconds", "steps", "finished", "pool_added", "pool_dropped_by_cap", "annotations",
-           "artefacts", "auxiliary", "auxiliary_deleted")
+           "artefacts", "auxiliary", "auxiliary_deleted", "scrubbed")
 
 
 class Runner:
@@ -108,6 +109,16 @@ class Runner:
                                  "by every rank before rank 0 saves it, and the stages save on rank 0 alone. Use "
                                  "DDP (torchrun, or configs/accelerate/ddp.yaml)")
         distributed.init()
+        try:
+            return self._locked_run()
+        except Exception as e:
+            if disk_full(e) and not isinstance(e, SelftrainError):
+                raise DiskFull(f"no space left on device for {root} ({type(e).__name__}: {e}). Every write is "
+                               "atomic, so the run is as it was last saved; free space, then run the same "
+                               "command again to resume") from None
+            raise
+
+    def _locked_run(self) -> dict:
         # rank 0 holds the lock; the other ranks of its launch work under it
         with self.ws.locked() if distributed.is_main() else nullcontext():
             # before set-up: a second process is refused whatever this one is doing
@@ -123,6 +134,7 @@ class Runner:
 
     def _start(self) -> dict:
         self.ws.clean_temp()
+        faults.in_stage("resume" if self.ws.exists() else "setup")
         return self._resume() if self.ws.exists() else self._setup()
 
     # ------------------------------------------------------------------ set-up
@@ -170,6 +182,8 @@ class Runner:
             "initial_samples": samples[:4], "sample_prompts": prompts, "stages": [],
             "eval_documents": cfg.eval.max_documents,  # the held-out texts every evaluation of this run reads
         }
+        for rel in ("data/pool", "data/heldout", manifest["initial_checkpoint"]):
+            integrity.record(manifest, self.ws.root, rel)
         self.ws.save_manifest(manifest)
         return manifest
 
@@ -214,7 +228,9 @@ class Runner:
         todo = [spec for key, _, _, spec in self.plan() if key not in finished]
         if todo:
             start = entries[cut]["start_checkpoint"] if cut < len(entries) else manifest["current_checkpoint"]
+            integrity.verify(manifest, ws.root, start, "checkpoint")
             model, tokenizer = load_checkpoint(ws.abs(start), manifest["model_kind"])
+            integrity.verify(manifest, ws.root, "data/pool", "pool")
             train_texts = Pool.load(ws.data_dir / "pool").text_view()
             self._preflight(todo, model, tokenizer, manifest["model_kind"], train_texts)
             del model
@@ -279,12 +295,14 @@ class Runner:
         back to what they were when it started."""
         ws, first = self.ws, manifest["stages"][cut]
         dropped = {e["key"] for e in manifest["stages"][cut:]}
+        integrity.verify(manifest, ws.root, manifest["pool"], "pool")
         pool = Pool.load(ws.abs(manifest["pool"]))
         kept = [i for i, s in enumerate(pool.ds["stage"]) if s not in dropped]  # rows are only ever appended
         if len(kept) < len(pool):
             path = f"data/pool-restart-{first['key']}"
             Pool(pool.ds.select(kept)).save(ws.abs(path))
             manifest["pool"] = path
+            integrity.record(manifest, ws.root, path)
         manifest.update(stages=manifest["stages"][:cut], current_checkpoint=first["start_checkpoint"],
                         accepted_metrics=first["metrics_before"])
         ws.save_manifest(manifest)
@@ -296,6 +314,7 @@ class Runner:
     # ------------------------------------------------------------------ the loop
     def _stages(self, manifest: dict) -> dict:
         ws = self.ws
+        integrity.verify(manifest, ws.root, "data/heldout", "held-out data")
         held = Pool.load(ws.data_dir / "heldout")
         # a run begun before eval.max_documents existed scored every held-out text: it goes on so
         heldout = held.texts() if "eval_documents" not in manifest else held.spread_texts(manifest["eval_documents"])
@@ -340,6 +359,7 @@ class Runner:
     def _attempt(self, manifest: dict, entries: dict, key: str, rnd: int, idx: int, spec: StageSpec,
                  heldout) -> None:
         ws, entry = self.ws, entries.get(key)
+        faults.in_stage(key)  # the fault points from here to this stage's report are this stage's
         fingerprint = stage_fingerprint(spec)
         if entry is None or entry.get("fingerprint") != fingerprint:
             # a fresh start: nothing from a redone stage, or from this one's old options, is reused
@@ -371,8 +391,9 @@ class Runner:
         key, stage_dir = entry["key"], ws.stage_dir(entry["key"])
         stage_dir.mkdir(parents=True, exist_ok=True)
         con.rule(f"[bold]{key}[/] (attempt {entry['attempts']})")
-        pool = Pool.load(ws.abs(manifest["pool"]))  # the rows; accepted stages' annotations are laid over them
         accepted = [e for e in manifest["stages"] if e["status"] == "accepted"]
+        self._verify_inputs(manifest, accepted)  # nothing damaged is read
+        pool = Pool.load(ws.abs(manifest["pool"]))  # the rows; accepted stages' annotations are laid over them
         layers = [json.loads(ws.abs(e["annotations"]["path"]).read_text()) for e in accepted if e.get("annotations")]
         state = RunState(config=cfg, checkpoint=ws.abs(manifest["current_checkpoint"]),
                          kind=manifest["model_kind"], pool=pool.annotated(layers).without_duplicates(), heldout=heldout, seed=cfg.run.seed + rnd,
@@ -393,6 +414,8 @@ class Runner:
             ws.save_manifest(manifest)
             raise
         except Exception as e:  # a crash in one stage must not lose the run: record it, roll back
+            if disk_full(e):  # not the stage's fault: the run stops as last saved, and a rerun retries the stage
+                raise
             entry["steps"] = steps.total
             return self._failed(entry, e, start, result)
         stage_seconds = time.perf_counter() - start
@@ -402,6 +425,8 @@ class Runner:
             after = before if result.checkpoint is None else self._evaluate(
                 result.checkpoint, manifest["model_kind"], heldout, stage_dir)
         except Exception as e:
+            if disk_full(e):
+                raise
             return self._failed(entry, e, start, result)
         # the best value of each protected metric so far: the drift budget is measured from it
         history = [manifest["baseline_metrics"], *(e["metrics_after"] for e in manifest["stages"]
@@ -426,16 +451,28 @@ class Runner:
                 path = stage_dir / "annotations.json"
                 atomic_write_json(path, result.annotations)
                 entry["annotations"] = {"path": ws.rel(path), "rows": {c: len(v) for c, v in result.annotations.items()}}
+                integrity.record(manifest, ws.root, ws.rel(path))
+            for path in (result.checkpoint, *result.artefacts.values(), *result.auxiliary.values()):
+                if path is not None and distributed.is_main():  # what later stages load, as it is now
+                    integrity.record(manifest, ws.root, ws.rel(path))
             if result.checkpoint is not None:
                 manifest["current_checkpoint"] = ws.rel(result.checkpoint)
             manifest["accepted_metrics"] = after
             if result.additions:
-                new_pool, added, dropped = pool.add(result.additions, max_synthetic_fraction=cfg.guard.max_synthetic_fraction,
+                # secrets the model wrote are replaced before anything trains on them again
+                additions, scrubbed = scrub_examples(result.additions, cfg.guard.scrub)
+                if scrubbed:
+                    entry["scrubbed"] = dict(scrubbed)
+                    entry["checks"].append({"name": "scrub", "ok": True, "detail": "replaced in synthetic text: " + ", ".join(
+                        f"{n} {kind}" for kind, n in sorted(scrubbed.items()))})
+                new_pool, added, dropped = pool.add(additions, max_synthetic_fraction=cfg.guard.max_synthetic_fraction,
                                                     seed=state.seed)
                 if distributed.is_main():
                     new_pool.save(ws.data_dir / f"pool-{key}")  # a new version; the manifest switches to it
                 entry.update(pool_added=added, pool_dropped_by_cap=dropped)
                 manifest["pool"] = f"data/pool-{key}"
+                if distributed.is_main():
+                    integrity.record(manifest, ws.root, manifest["pool"])
                 synthetic = new_pool.n_synthetic() / max(1, len(new_pool))
                 entry["checks"].append({"name": "synthetic cap", "ok": True, "detail": (
                     f"pool {synthetic:.0%} synthetic after adding {added} (cap {cfg.guard.max_synthetic_fraction:.0%}; "
@@ -465,6 +502,18 @@ class Runner:
         result.annotations = plain_annotations(result.annotations)
         pool.check_annotations(result.annotations)
         pool.annotated([*layers, result.annotations])  # raises if a column would mix types
+
+    def _verify_inputs(self, manifest: dict, accepted: list[dict]) -> None:
+        """Everything a stage reads, checked against the checksums recorded when it was written."""
+        root = self.ws.root
+        integrity.verify(manifest, root, manifest["pool"], "pool")
+        integrity.verify(manifest, root, manifest["current_checkpoint"], "checkpoint")
+        for e in accepted:
+            if e.get("annotations"):
+                integrity.verify(manifest, root, e["annotations"]["path"], f"annotations of {e['key']}")
+            for kind in ("artefacts", "auxiliary"):
+                for name, rel in (e.get(kind) or {}).items():
+                    integrity.verify(manifest, root, rel, f"{kind[:-1] if kind == 'artefacts' else kind} {name!r} of {e['key']}")
 
     def _discard(self, entry: dict, result: StageResult | None) -> None:
         """Delete the weights of a rolled-back or failed attempt (unless run.keep_rejected_checkpoints):
@@ -507,6 +556,8 @@ class Runner:
     # ------------------------------------------------------------------ the end
     def _finish(self, manifest: dict) -> None:
         ws = self.ws
+        faults.in_stage("finish")
+        integrity.verify(manifest, ws.root, manifest["current_checkpoint"], "checkpoint")
         current = ws.abs(manifest["current_checkpoint"])
         tmp = ws.final_dir.with_name(".final.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -521,20 +572,26 @@ class Runner:
             card = f"# {manifest['run_name']}\n\nTrained by selftrain. (The full card failed: {type(e).__name__}: {e}.)\n"
         atomic_write_text(tmp / "README.md", card)
         replace_dir(tmp, ws.final_dir)
-        ws.save_manifest(manifest)
+        integrity.record(manifest, ws.root, "final")
         for path in ws.data_dir.glob("pool-*"):  # superseded pool versions
+            if f"data/{path.name}" != manifest["pool"]:
+                integrity.forget(manifest, f"data/{path.name}")
+        ws.save_manifest(manifest)
+        for path in ws.data_dir.glob("pool-*"):  # removed only once the manifest no longer names them
             if f"data/{path.name}" != manifest["pool"]:
                 shutil.rmtree(path, ignore_errors=True)
         self._report(final=True)
 
     def _report(self, final: bool) -> None:
         """Write report.md and report.html; a report that fails costs the run nothing but a warning
-        (``selftrain report RUN`` writes it again)."""
+        (``selftrain report RUN`` writes it again). A full disk stops the run: its next write would fail."""
         from selftrain.report import write_report
 
         try:
             path = write_report(self.ws)
         except Exception as e:
+            if disk_full(e):  # the run's next write would fail too: stop here, everything saved so far intact
+                raise
             self.console.print(f"[yellow]the report could not be written[/]: {type(e).__name__}: {e}")
             return
         if final:

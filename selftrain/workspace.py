@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from selftrain import distributed
+from selftrain import distributed, faults
 from selftrain.errors import SelftrainError
 
 MANIFEST_VERSION = 2
@@ -41,10 +41,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        faults.point(f"write:{path.name}")
+    except BaseException:  # a failed write (a full disk) leaves the old file and no temp file
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -104,8 +109,10 @@ def replace_dir(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old")
     if old.exists():
         shutil.rmtree(old)
+    faults.point(f"save:{final.name}")
     if final.exists():
         os.replace(final, old)
+        faults.point(f"swap:{final.name}")  # the nastiest moment: the old copy aside, the new not in place
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
@@ -199,6 +206,7 @@ class Workspace:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = "\n" + line
+            faults.point("append:metrics.jsonl")
             os.write(fd, line.encode("utf-8"))
             os.fsync(fd)
         finally:

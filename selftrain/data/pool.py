@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from pyarrow.lib import ArrowException
 from tqdm.auto import tqdm
 
+from selftrain import faults
 from selftrain.config import DataConfig
 from selftrain.data.arrowfile import batches_of, open_arrow, write_arrow
 from selftrain.data.sources import iter_documents
@@ -149,6 +150,8 @@ def _write_documents(documents, min_chars: int, seed: int, path: Path) -> tuple[
         nonlocal loaded
         for _, text in tqdm(documents, desc="reading", unit=" docs", leave=False, mininterval=2):
             loaded += 1
+            if loaded % 256 == 1:
+                faults.point("data")
             text = text.strip()
             if len(text) >= min_chars:
                 yield {"text": text, "key": _hash64(text, "dedup"), "split_key": _hash64(text, f"split-{seed}")}
@@ -320,6 +323,7 @@ class Pool:
 
     @classmethod
     def load(cls, path: Path) -> Pool:
+        faults.point("data")
         recover_dir(Path(path))
         # memory-mapped: a pool may be larger than memory. The next save replaces the folder by a
         # rename, and on Linux a mapped file stays readable after it is unlinked. (A pickled

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from selftrain import distributed
+from selftrain import distributed, faults
 from selftrain.errors import SelftrainError
 
 
@@ -46,6 +46,7 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, kind: str = "causa
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
         for i in range(0, len(blocks), batch_size):
+            faults.point("eval")
             batch = blocks[i:i + batch_size]
             width = max(map(len, batch))
             ids = torch.full((len(batch), width), pad, dtype=torch.long)

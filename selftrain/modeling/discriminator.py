@@ -24,6 +24,7 @@ import torch
 from selftrain import distributed
 from selftrain.errors import SelftrainError
 from selftrain.modeling.embeddings import MINILM, minilm_dir
+from selftrain.modeling.weights import safetensors_only
 from selftrain.workspace import atomic_write_json
 
 KINDS = ("scratch", "minilm", "lm")
@@ -62,7 +63,8 @@ class Discriminator:
         disc_tok = tokenizer if kind == "lm" else AutoTokenizer.from_pretrained(path)
         if disc_tok.pad_token is None:  # the classifier pools the last real token, found by the pad id
             disc_tok.pad_token = disc_tok.eos_token
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, trust_remote_code=False,
+                                                                   **safetensors_only(path, "discriminator"))
         model.config.pad_token_id = disc_tok.pad_token_id
         return cls(model, disc_tok, max_length=max_length)
 
@@ -74,7 +76,8 @@ class Discriminator:
         if not (path / META).is_file():
             raise SelftrainError(f"{path} is not a saved discriminator (no {META})")
         meta = json.loads((path / META).read_text())
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False,
+                                                                   **safetensors_only(path, "discriminator"))
         return cls(model.eval(), AutoTokenizer.from_pretrained(path), max_length=meta["max_length"],
                    temperature=meta["temperature"])
 

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selftrain.errors import SelftrainError
+from selftrain.modeling.weights import safetensors_only
 
 MINILM = "minilm"  # the name of the offline all-MiniLM-L6-v2 in configs
 
@@ -64,7 +65,8 @@ def load_encoder(name: str):
             raise SelftrainError(f"embedder {name!r} is neither `minilm`, `model` nor a model directory "
                                  "with a config.json")
     try:
-        return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+        return AutoModel.from_pretrained(path, **safetensors_only(path, "embedder")).eval(), \
+            AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SelftrainError(f"could not load the embedder from {path}: {e}") from None
 

@@ -30,6 +30,7 @@ from transformers import (
 from selftrain import distributed
 from selftrain.config import ModelConfig
 from selftrain.errors import SelftrainError
+from selftrain.modeling.weights import safetensors_only
 from selftrain.workspace import replace_dir
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -146,7 +147,8 @@ def load_pretrained(name: str, *, gguf_file: str | None = None, revision: str | 
         raise SelftrainError(f"gguf_file {gguf_file!r} not found in {name}")
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
     if gguf_file:
-        kw["gguf_file"] = gguf_file
+        kw["gguf_file"] = gguf_file  # GGUF is a tensor format too: no pickle
+    weights = {} if gguf_file else safetensors_only(path, "model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name, **kw)
         if kind is None:
@@ -154,10 +156,15 @@ def load_pretrained(name: str, *, gguf_file: str | None = None, revision: str | 
             archs = config.architectures or []
             kind = "masked" if any(a.endswith("ForMaskedLM") for a in archs) else "causal"
         auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
-        model = auto.from_pretrained(str(path) if path.exists() else name, dtype=torch.float32, **kw)
+        model = auto.from_pretrained(str(path) if path.exists() else name, dtype=torch.float32, **weights, **kw)
     except Exception as e:  # corrupt weights, a config transformers cannot build, ...: all say "this model"
         where = "directory" if path.exists() else "hub id (offline, or no such model?)"
         raise SelftrainError(f"cannot load model from {where} {name!r}: {type(e).__name__}: {e}") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # ids past the table would index outside it mid-run
+        raise SelftrainError(f"the tokenizer in {name} has {len(tokenizer)} tokens but the model's embedding table "
+                             f"has {rows} rows: they do not belong to each other; put the model's own tokenizer "
+                             "files beside it")
     if gguf_file:
         _drop_quantizer(model)
     if tokenizer.pad_token is None:

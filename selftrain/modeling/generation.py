@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from selftrain import faults
 from selftrain.errors import SelftrainError
 from selftrain.modeling.decoding import decode_batch
+from selftrain.modeling.weights import safetensors_only
 
 
 @dataclass
@@ -71,6 +73,7 @@ class TransformersBackend:
         model.eval()
         try:
             for b in range(0, len(order), self.batch_size):
+                faults.point("generate")
                 batch = order[b:b + self.batch_size]
                 rows = [prompt_ids[i] for i in batch]
                 new = self._room(max(len(r) for r in rows), sampling.max_new_tokens)
@@ -168,7 +171,8 @@ def load_seq2seq(path: str, *, trust_remote_code: bool = False):
     if not (Path(path) / "config.json").is_file():
         raise SelftrainError(f"translation model {path!r}: not a model directory with a config.json")
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                      **safetensors_only(path, "translation model"))
         return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise SelftrainError(f"could not load the translation model {path}: {e}") from None

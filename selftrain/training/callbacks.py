@@ -12,6 +12,8 @@ import time
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from selftrain import faults
+
 
 class ProgressReporter(TrainerCallback):
     """Send ``{"phase": "progress", "step", "max_steps", <last logged loss/reward>}`` when training
@@ -30,6 +32,7 @@ class ProgressReporter(TrainerCallback):
                   "max_steps": state.max_steps})
 
     def on_step_end(self, args, state, control, **kwargs):
+        faults.point("train")
         now = time.monotonic()
         if now - self._sent >= self.every_seconds or state.global_step >= state.max_steps:
             self._sent = now

@@ -1,0 +1,80 @@
+"""Scrub e-mail addresses, phone numbers and key-like strings out of synthetic text before it
+enters the pool. A model that trains on its own output must not pass on a secret it once read:
+one that writes an API key it memorised would otherwise learn it again, round after round.
+
+Patterns are deliberately narrow (a phone number needs a ``+``, brackets or dashes; a key needs
+a known prefix, a ``key=`` / ``token:`` label, or 32+ characters that mix letters and 4+ digits
+with high entropy), so ordinary numbers, dates and words stay. What is removed is counted, per kind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+KINDS = ("email", "phone", "key")
+PLACEHOLDER = {"email": "<email>", "phone": "<phone>", "key": "<secret>"}
+
+EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+PHONE = re.compile(
+    r"(?<![\w+])(?:"
+    r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}"  # international: +44 20 7946 0958, +1 (555) 123-4567
+    r"|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}"  # (555) 123-4567
+    r"|\d{3}[.-]\d{3,4}[.-]\d{4}"  # 555-123-4567, 555.123.4567
+    r")(?![\w])")
+KEY_SHAPES = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)"  # PEM blocks, even cut short
+    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key ids
+    r"|\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}"  # GitHub tokens
+    r"|\bsk-[A-Za-z0-9_-]{20,}|\bxox[abprs]-[A-Za-z0-9-]{10,}"  # API keys of the sk- kind, Slack tokens
+    r"|\bAIza[0-9A-Za-z_-]{35}\b"  # Google API keys
+    r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JSON web tokens
+    re.DOTALL)
+# `api_key = "..."`, `password: ...`: the value after a secret-sounding label
+LABELLED = re.compile(r"(?i)\b((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|token|password|"
+                      r"passwd)\s*[:=]\s*[\"']?)([^\s\"'<>]{8,})")
+LONG_TOKEN = re.compile(r"(?<![\w+=-])[A-Za-z0-9_+=-]{32,}(?![\w+=-])")  # no "/": paths are not keys
+
+
+def _key_like(token: str) -> bool:
+    """32+ characters, letters and 4+ digits, high entropy: a key, a token, a digest."""
+    if not re.search(r"[A-Za-z]", token) or sum(ch.isdigit() for ch in token) < 4:  # an_identifier_like_this_2
+        return False
+    counts = Counter(token)
+    entropy = -sum(c / len(token) * math.log2(c / len(token)) for c in counts.values())
+    return entropy >= 3.0  # hex digests (~3.7) included; words repeat letters
+
+
+def scrub(text: str, kinds: tuple[str, ...] | list[str] = KINDS) -> tuple[str, Counter]:
+    """``text`` with every found item of ``kinds`` replaced by its placeholder, and the count per kind."""
+    found: Counter = Counter()
+
+    def sub(pattern, kind, text, repl=None, keep=None):
+        def one(m):
+            if keep is not None and not keep(m.group(0)):
+                return m.group(0)
+            found[kind] += 1
+            return repl(m) if repl else PLACEHOLDER[kind]
+        return pattern.sub(one, text)
+
+    if "key" in kinds:  # first: a key can contain an @ or look like digits
+        text = sub(KEY_SHAPES, "key", text)
+        text = sub(LABELLED, "key", text, repl=lambda m: m.group(1) + PLACEHOLDER["key"])
+        text = sub(LONG_TOKEN, "key", text, keep=_key_like)
+    if "email" in kinds:
+        text = sub(EMAIL, "email", text)
+    if "phone" in kinds:
+        text = sub(PHONE, "phone", text, keep=lambda s: 8 <= sum(ch.isdigit() for ch in s) <= 15)
+    return text, found
+
+
+def scrub_examples(examples: list[dict], kinds) -> tuple[list[dict], Counter]:
+    """The examples with their text scrubbed (provenance unchanged), and the counts over all of them."""
+    total: Counter = Counter()
+    out = []
+    for ex in examples:
+        text, found = scrub(ex["text"], kinds)
+        total.update(found)
+        out.append({**ex, "text": text} if found else ex)
+    return out, total
