@@ -85,6 +85,8 @@ def inspect(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep watching a running run: the table and the "
                                 "current stage's step, ETA and loss, until it finishes (Ctrl-C to stop watching)."),
     every: float = typer.Option(2.0, help="--follow: seconds between refreshes."),
+    verify: bool = typer.Option(False, "--verify", help="Check every checkpoint, pool and artefact the run "
+                                "recorded against its checksums (after a copy, say); exit 2 if any differs."),
 ):
     """Print a run's manifest as a table: each stage, its decision and why; --follow to watch it live."""
     from selftrain.workspace import Workspace
@@ -93,6 +95,8 @@ def inspect(
         ws = Workspace(run_dir)
         if not ws.exists():
             raise SelftrainError(f"{run_dir} is not a selftrain run (no manifest.json)")
+        if verify:
+            return _verify(ws)
         if not follow:
             console.print(_inspection(ws))
             return
@@ -107,6 +111,25 @@ def inspect(
                     live.update(_inspection(ws, stopped=True), refresh=True)
                     break
                 time.sleep(every)
+
+
+def _verify(ws) -> None:
+    from selftrain import integrity
+
+    manifest = ws.load_manifest()
+    table, damaged = Table("recorded", "files", "state"), []
+    for rel, files in sorted(manifest.get("checksums", {}).items()):
+        try:
+            integrity.verify(manifest, ws.root, rel, rel)
+            table.add_row(rel, str(len(files)), "[green]ok[/]")
+        except SelftrainError as e:
+            table.add_row(rel, str(len(files)), f"[red]{'missing' if 'is missing' in str(e) else 'damaged'}[/]")
+            damaged.append(str(e))
+    console.print(table)
+    if damaged:
+        raise SelftrainError(f"{len(damaged)} of {len(table.rows)} recorded paths differ from their checksums; "
+                             f"first: {damaged[0]}")
+    console.print(f"all {len(table.rows)} recorded paths match their checksums")
 
 
 def _inspection(ws, stopped: bool = False):

@@ -232,13 +232,54 @@ def _hash(obj) -> str:
 # ---------------------------------------------------------------------------- loading
 
 
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # counted with every alias expanded: a "billion laughs" file is refused, not expanded
+
+
+def safe_yaml(text: str, what: str):
+    """``yaml.safe_load`` that refuses what would exhaust memory or the stack downstream: a file over
+    1 MB, aliases that expand past 100,000 nodes, a structure that refers to itself, deep nesting.
+    Raises yaml.YAMLError (with ``what`` named) for each."""
+    if len(text) > MAX_YAML_BYTES:
+        raise yaml.YAMLError(f"{what} is {len(text):,} characters; the limit is {MAX_YAML_BYTES:,}")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_nodes(node, {}, set(), what)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise yaml.YAMLError(f"{what} is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _count_nodes(node, sizes: dict, open_: set, what: str) -> int:
+    """Nodes under ``node`` with aliases expanded (memoised, so a bomb is measured, not walked)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise yaml.YAMLError(f"{what} refers to itself (a recursive alias)")
+    open_.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else [
+        n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+    size = 1 + sum(_count_nodes(c, sizes, open_, what) for c in children)
+    open_.discard(id(node))
+    if size > MAX_YAML_NODES:
+        raise yaml.YAMLError(f"{what} expands to more than {MAX_YAML_NODES:,} values (aliases counted each time "
+                             "they are used)")
+    sizes[id(node)] = size
+    return size
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read YAML safely, apply ``key.path=value`` overrides, validate. Raises SelftrainError."""
     path = Path(path)
     if not path.is_file():
         raise SelftrainError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml(path.read_text(encoding="utf-8"), "the config")
     except yaml.YAMLError as e:
         raise SelftrainError(f"malformed YAML in {path}: {e}") from None
     except UnicodeDecodeError:
@@ -271,7 +312,7 @@ def apply_override(raw: dict, item: str) -> None:
         raise SelftrainError(f"--set expects key.path=value, got {item!r}")
     key, _, text = item.partition("=")
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text, "the --set value")
     except yaml.YAMLError:
         value = text
     parts = [p for p in key.strip().split(".") if p]

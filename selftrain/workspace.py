@@ -23,7 +23,17 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from selftrain import distributed, faults
 from selftrain.errors import SelftrainError
@@ -300,17 +310,117 @@ class Workspace:
             self._lock_file = None
 
 
-MANIFEST_FIELDS = {"run_name": str, "status": str, "model_kind": str, "current_checkpoint": str, "pool": str,
-                   "baseline_metrics": dict, "accepted_metrics": dict, "data": dict, "stages": list}
+# ---------------------------------------------------------------------------- what a manifest holds
+# Checked on every load, so that a manifest edited by hand (or by a tool) is refused with one message
+# naming the field, instead of failing later wherever that field is read. Strict: "3" is not 3.
+Number = StrictFloat | StrictInt | StrictBool | Literal["inf", "-inf", "nan"] | None
+Metrics = dict[str, Number]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Check(_Part):
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+class _Annotations(_Part):
+    path: str
+    rows: dict[str, StrictInt] = {}
+
+
+class _Stop(_Part):
+    reason: str
+    after: str | None = None
+    rounds: StrictInt = 0
+    minutes: StrictFloat | StrictInt = 0
+    steps: StrictInt = 0
+
+
+class _Entry(_Part):
+    key: str
+    status: Literal["running", "accepted", "rolled_back", "failed", "skipped", "interrupted", "error"]
+    round: StrictInt
+    index: StrictInt
+    name: str
+    attempts: StrictInt
+    fingerprint: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    start_checkpoint: str
+    checkpoint: str | None = None
+    metrics_before: Metrics
+    metrics_after: Metrics | None = None
+    stage_metrics: dict[str, Any] | None = None
+    checks: list[_Check] | None = None
+    artefacts: dict[str, str] | None = None
+    auxiliary: dict[str, str] | None = None
+    annotations: _Annotations | None = None
+    seconds: StrictFloat | StrictInt | None = None
+    eval_seconds: StrictFloat | StrictInt | None = None
+    steps: StrictInt | None = None
+    pool_added: StrictInt | None = None
+    pool_dropped_by_cap: StrictInt | None = None
+    scrubbed: dict[str, StrictInt] | None = None
+
+    @model_validator(mode="after")
+    def _decided(self):
+        if self.status in ("accepted", "rolled_back", "failed") and (self.metrics_after is None or self.reason is None):
+            raise ValueError(f"a stage {self.status} has metrics_after and a reason")
+        return self
+
+
+class _Manifest(_Part):
+    run_name: str
+    status: str
+    model_kind: Literal["causal", "masked"]
+    current_checkpoint: str
+    initial_checkpoint: str | None = None
+    pool: str
+    baseline_metrics: Metrics
+    accepted_metrics: Metrics
+    final_metrics: Metrics | None = None
+    data: dict[str, Any]
+    stages: list[_Entry]
+    run_fingerprints: dict[str, str] | None = None
+    checksums: dict[str, dict[str, str]] = {}
+    stop: _Stop | None = None
+    initial_samples: list[str] = []
+    sample_prompts: list[str] = []
+    eval_documents: StrictInt | None = None
 
 
 def check_manifest(manifest: Any, path: Path) -> None:
-    """A manifest that lacks what readers index is refused with one message, not a KeyError."""
+    """A manifest that is not what selftrain writes is refused with one message, not a KeyError."""
     if not isinstance(manifest, dict):
         raise SelftrainError(f"{path} is not a selftrain manifest (not a JSON object)")
-    bad = [k for k, t in MANIFEST_FIELDS.items() if not isinstance(manifest.get(k), t)]
-    bad += [f"stages[{i}]" for i, e in enumerate(manifest.get("stages") or [])
-            if not (isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("status"), str))]
-    if bad:
-        raise SelftrainError(f"{path} is not a complete selftrain manifest: missing or malformed "
-                             f"{', '.join(bad)}")
+    try:
+        _Manifest.model_validate(manifest)
+        _check_consistent(manifest)
+    except SelftrainError as e:
+        raise SelftrainError(f"{path} is not consistent: {e}") from None
+    except ValidationError as e:
+        where = [".".join(map(str, err["loc"])) or "(top)" for err in e.errors()]
+        first = e.errors()[0]
+        raise SelftrainError(f"{path} is not a complete selftrain manifest: {', '.join(sorted(set(where))[:5])}"
+                             f"{' ...' if len(set(where)) > 5 else ''} missing or malformed ({first['msg']}). "
+                             "Was it edited? Restore it from a backup") from None
+
+
+def _check_consistent(manifest: dict) -> None:
+    """The pointers agree with the stages: the current model and pool are the start or an accepted
+    stage's, and stage keys are unique. (A run resumed from anything else could delete what it names.)"""
+    accepted = [e for e in manifest["stages"] if e["status"] == "accepted"]
+    models = {manifest.get("initial_checkpoint"), *(e.get("checkpoint") for e in accepted)} - {None}
+    pools = {"data/pool", *(f"data/pool-{e['key']}" for e in accepted)}
+    keys = [e["key"] for e in manifest["stages"]]
+    problem = ("current_checkpoint is not the initial checkpoint nor one an accepted stage wrote"
+               if manifest["current_checkpoint"] not in models and "initial_checkpoint" in manifest else
+               "pool is not the initial pool nor one an accepted stage wrote"
+               if manifest["pool"] not in pools and not manifest["pool"].startswith("data/pool-restart-") else
+               "a stage key appears twice" if len(set(keys)) != len(keys) else None)
+    if problem:
+        raise SelftrainError(f"{problem}. Was it edited? Restore it from a backup")

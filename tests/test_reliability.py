@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -118,6 +117,21 @@ def test_a_damaged_file_the_manifest_names_is_refused_by_name_and_nothing_change
     with pytest.raises(SelftrainError, match=expected):
         Runner(config_from_dict(cfg)).run()
     assert _tree(run_dir) == before
+    from typer.testing import CliRunner
+
+    from selftrain.cli import app
+
+    out = CliRunner().invoke(app, ["inspect", str(run_dir), "--verify"])  # the same finding, for a person
+    assert out.exit_code == 2 and expected in out.output and "damaged" in out.output or "missing" in out.output
+
+
+def test_inspect_verify_passes_a_whole_run(two_stage_run):
+    from typer.testing import CliRunner
+
+    from selftrain.cli import app
+
+    out = CliRunner().invoke(app, ["inspect", str(two_stage_run[0]), "--verify"])  # pool, held-out, initial, model, final
+    assert out.exit_code == 0 and "all 5 recorded paths match their checksums" in out.output, out.output
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
@@ -266,3 +280,15 @@ def test_secrets_in_synthetic_text_are_scrubbed_before_the_pool(tmp_path, corpus
     else:  # switched off: the text as written
         assert SECRETS in synthetic and "scrubbed" not in entry
 
+
+
+def test_a_trainer_checkpoint_cut_while_its_state_was_written_is_skipped(tmp_path):
+    from selftrain.training.lm import last_complete_checkpoint
+
+    for step, state in ((4, '{"global_step": 4, "log_history": []}'), (8, '{"global_step": 8, "log_hi'),
+                        (12, None)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"  # 8: cut short; 12: not yet written

@@ -19,6 +19,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from selftrain.config import safe_yaml
 from selftrain.errors import SelftrainError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -195,7 +196,7 @@ def load_task(ref: str | Path) -> TaskSpec:
         raise SelftrainError(f"unknown task {ref!r}: not a file, and the built-in tasks are "
                              f"{', '.join(builtin_tasks())}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml(path.read_text(encoding="utf-8"), "the task file")
     except yaml.YAMLError as e:
         raise SelftrainError(f"task file {path} is not valid YAML: {e}") from None
     except UnicodeDecodeError as e:

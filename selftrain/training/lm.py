@@ -111,12 +111,16 @@ def check_lm_input(opts: LMOptions, model, tokenizer, texts: Sequence[str], bloc
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """Newest ``checkpoint-N`` whose trainer_state.json exists (it is written last)."""
+    """Newest ``checkpoint-N`` whose trainer_state.json is whole JSON: Trainer writes it last, and
+    not atomically, so a kill can leave it cut short."""
     ckpts = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if
                    p.name.split("-")[-1].isdigit() else -1, reverse=True)
     for c in ckpts:
-        if (c / "trainer_state.json").is_file():
+        try:
+            json.loads((c / "trainer_state.json").read_text())
             return c
+        except (OSError, ValueError):
+            continue
     return None
 
 
