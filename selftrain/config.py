@@ -278,6 +278,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise SelftrainError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:  # refused before it is read
+        raise SelftrainError(f"{path} is {path.stat().st_size:,} bytes; a config is at most {MAX_YAML_BYTES:,}")
     try:
         raw = safe_yaml(path.read_text(encoding="utf-8"), "the config")
     except yaml.YAMLError as e:

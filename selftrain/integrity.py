@@ -20,18 +20,32 @@ def digest(path: Path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     out = {}
     for f in files:
+        h = hashlib.sha256()
         with open(f, "rb") as handle:
-            out["." if f == path else f.relative_to(path).as_posix()] = hashlib.file_digest(handle, "sha256").hexdigest()
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                h.update(chunk)
+        out["." if f == path else f.relative_to(path).as_posix()] = h.hexdigest()
     return out
+
+
+def inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refused if it leads out of ``root`` (a manifest edited by hand names it)."""
+    path = (Path(root) / rel).resolve()
+    if not path.is_relative_to(Path(root).resolve()) or path == Path(root).resolve():
+        raise SelftrainError(f"path {rel!r} in the manifest is not inside the run directory {root}")
+    return path
 
 
 def record(manifest: dict, root: Path, rel: str) -> None:
     """Remember the checksums of ``root / rel`` (call it before the manifest that names ``rel`` is saved)."""
-    manifest.setdefault("checksums", {})[rel] = digest(Path(root) / rel)
+    manifest.setdefault("checksums", {})[rel] = digest(inside(root, rel))
 
 
-def forget(manifest: dict, rel: str) -> None:
-    manifest.get("checksums", {}).pop(rel, None)
+def forget(manifest: dict, *, under: str) -> None:
+    """Drop the checksums of ``under`` and everything below it (a removed pool version, a stage redone)."""
+    sums = manifest.get("checksums", {})
+    for rel in [r for r in sums if r == under or r.startswith(under.rstrip("/") + "/")]:
+        del sums[rel]
 
 
 def verify(manifest: dict, root: Path, rel: str, what: str) -> None:
@@ -40,14 +54,15 @@ def verify(manifest: dict, root: Path, rel: str, what: str) -> None:
     expected = manifest.get("checksums", {}).get(rel)
     if expected is None:
         return
-    path = Path(root) / rel
+    path = inside(root, rel)
     if not path.exists():
         raise SelftrainError(f"{what} {path} is missing; the run recorded it. Restore it from a backup, or "
                              "redo the stage that wrote it with --restart-from")
     actual = digest(path)
     changed = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
     if changed:
-        names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise SelftrainError(f"{what} {path} is damaged: {names} differ(s) from the checksums recorded when it "
-                             "was written, so it is not loaded. Restore it from a backup, or redo the stage "
-                             "that wrote it with --restart-from")
+        names = "its contents differ" if changed == ["."] else (
+            ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "") + " differ")
+        raise SelftrainError(f"{what} {path} is damaged: {names} from the checksums recorded when it was "
+                             "written, so it is not loaded. Restore it from a backup, or redo the stage that "
+                             "wrote it with --restart-from")

@@ -113,9 +113,9 @@ class Runner:
             return self._locked_run()
         except Exception as e:
             if disk_full(e) and not isinstance(e, SelftrainError):
-                raise DiskFull(f"no space left on device for {root} ({type(e).__name__}: {e}). Every write is "
-                               "atomic, so the run is as it was last saved; free space, then run the same "
-                               "command again to resume") from None
+                raise DiskFull(f"no space left on device for {root}: a write failed ({type(e).__name__}: {e}). "
+                               "Every write is atomic, so the run is as it was last saved; free space, then run "
+                               "the same command again to resume") from None
             raise
 
     def _locked_run(self) -> dict:
@@ -226,6 +226,9 @@ class Runner:
         self._check_metric_names(manifest["baseline_metrics"])
         finished = {e["key"] for e in entries[:cut] if e["status"] in DONE}
         todo = [spec for key, _, _, spec in self.plan() if key not in finished]
+        problem = self._input_problem(manifest)  # what the run would read next, before it changes anything
+        if problem:
+            raise SelftrainError(problem)
         if todo:
             start = entries[cut]["start_checkpoint"] if cut < len(entries) else manifest["current_checkpoint"]
             integrity.verify(manifest, ws.root, start, "checkpoint")
@@ -298,13 +301,17 @@ class Runner:
         integrity.verify(manifest, ws.root, manifest["pool"], "pool")
         pool = Pool.load(ws.abs(manifest["pool"]))
         kept = [i for i, s in enumerate(pool.ds["stage"]) if s not in dropped]  # rows are only ever appended
-        if len(kept) < len(pool):
+        # a pool version a dropped stage wrote goes with it, even when it added no row
+        if len(kept) < len(pool) or manifest["pool"] in {f"data/pool-{key}" for key in dropped}:
             path = f"data/pool-restart-{first['key']}"
             Pool(pool.ds.select(kept)).save(ws.abs(path))
             manifest["pool"] = path
             integrity.record(manifest, ws.root, path)
         manifest.update(stages=manifest["stages"][:cut], current_checkpoint=first["start_checkpoint"],
                         accepted_metrics=first["metrics_before"])
+        for key in dropped:  # their files go below: so do their checksums
+            integrity.forget(manifest, under=f"stages/{key}")
+            integrity.forget(manifest, under=f"data/pool-{key}")
         ws.save_manifest(manifest)
         ws.drop_metrics(dropped)
         for key in dropped:
@@ -314,7 +321,14 @@ class Runner:
     # ------------------------------------------------------------------ the loop
     def _stages(self, manifest: dict) -> dict:
         ws = self.ws
-        integrity.verify(manifest, ws.root, "data/heldout", "held-out data")
+        problem = None
+        if distributed.is_main():
+            try:
+                integrity.verify(manifest, ws.root, "data/heldout", "held-out data")
+            except SelftrainError as e:
+                problem = str(e)
+        if distributed.broadcast(problem):
+            raise SelftrainError(problem or "the held-out data is damaged (see rank 0)")
         held = Pool.load(ws.data_dir / "heldout")
         # a run begun before eval.max_documents existed scored every held-out text: it goes on so
         heldout = held.texts() if "eval_documents" not in manifest else held.spread_texts(manifest["eval_documents"])
@@ -360,6 +374,7 @@ class Runner:
                  heldout) -> None:
         ws, entry = self.ws, entries.get(key)
         faults.in_stage(key)  # the fault points from here to this stage's report are this stage's
+        self._verify_inputs(manifest)  # before this attempt changes anything
         fingerprint = stage_fingerprint(spec)
         if entry is None or entry.get("fingerprint") != fingerprint:
             # a fresh start: nothing from a redone stage, or from this one's old options, is reused
@@ -392,7 +407,6 @@ class Runner:
         stage_dir.mkdir(parents=True, exist_ok=True)
         con.rule(f"[bold]{key}[/] (attempt {entry['attempts']})")
         accepted = [e for e in manifest["stages"] if e["status"] == "accepted"]
-        self._verify_inputs(manifest, accepted)  # nothing damaged is read
         pool = Pool.load(ws.abs(manifest["pool"]))  # the rows; accepted stages' annotations are laid over them
         layers = [json.loads(ws.abs(e["annotations"]["path"]).read_text()) for e in accepted if e.get("annotations")]
         state = RunState(config=cfg, checkpoint=ws.abs(manifest["current_checkpoint"]),
@@ -467,12 +481,12 @@ class Runner:
                         f"{n} {kind}" for kind, n in sorted(scrubbed.items()))})
                 new_pool, added, dropped = pool.add(additions, max_synthetic_fraction=cfg.guard.max_synthetic_fraction,
                                                     seed=state.seed)
-                if distributed.is_main():
-                    new_pool.save(ws.data_dir / f"pool-{key}")  # a new version; the manifest switches to it
                 entry.update(pool_added=added, pool_dropped_by_cap=dropped)
-                manifest["pool"] = f"data/pool-{key}"
-                if distributed.is_main():
-                    integrity.record(manifest, ws.root, manifest["pool"])
+                if added:  # a new version; the manifest switches to it
+                    if distributed.is_main():
+                        new_pool.save(ws.data_dir / f"pool-{key}")
+                        integrity.record(manifest, ws.root, f"data/pool-{key}")
+                    manifest["pool"] = f"data/pool-{key}"
                 synthetic = new_pool.n_synthetic() / max(1, len(new_pool))
                 entry["checks"].append({"name": "synthetic cap", "ok": True, "detail": (
                     f"pool {synthetic:.0%} synthetic after adding {added} (cap {cfg.guard.max_synthetic_fraction:.0%}; "
@@ -503,17 +517,31 @@ class Runner:
         pool.check_annotations(result.annotations)
         pool.annotated([*layers, result.annotations])  # raises if a column would mix types
 
-    def _verify_inputs(self, manifest: dict, accepted: list[dict]) -> None:
-        """Everything a stage reads, checked against the checksums recorded when it was written."""
+    def _verify_inputs(self, manifest: dict) -> None:
+        """Everything a stage reads, checked against the checksums recorded when it was written. Rank 0
+        checks (it wrote them and holds their checksums) and every rank follows its verdict."""
+        problem = distributed.broadcast(self._input_problem(manifest) if distributed.is_main() else None)
+        if problem:
+            raise SelftrainError(problem)
+
+    def _input_problem(self, manifest: dict) -> str | None:
+        """What is damaged among the model, the pool and accepted stages' annotations, artefacts and
+        auxiliary models; None if nothing."""
         root = self.ws.root
-        integrity.verify(manifest, root, manifest["pool"], "pool")
-        integrity.verify(manifest, root, manifest["current_checkpoint"], "checkpoint")
-        for e in accepted:
-            if e.get("annotations"):
-                integrity.verify(manifest, root, e["annotations"]["path"], f"annotations of {e['key']}")
-            for kind in ("artefacts", "auxiliary"):
-                for name, rel in (e.get(kind) or {}).items():
-                    integrity.verify(manifest, root, rel, f"{kind[:-1] if kind == 'artefacts' else kind} {name!r} of {e['key']}")
+        try:
+            integrity.verify(manifest, root, manifest["pool"], "pool")
+            integrity.verify(manifest, root, manifest["current_checkpoint"], "checkpoint")
+            for e in manifest["stages"]:
+                if e["status"] != "accepted":
+                    continue
+                if e.get("annotations"):
+                    integrity.verify(manifest, root, e["annotations"]["path"], f"annotations of {e['key']}")
+                for kind, what in (("artefacts", "artefact"), ("auxiliary", "auxiliary model")):
+                    for name, rel in (e.get(kind) or {}).items():
+                        integrity.verify(manifest, root, rel, f"{what} {name!r} of {e['key']}")
+        except SelftrainError as e:
+            return str(e)
+        return None
 
     def _discard(self, entry: dict, result: StageResult | None) -> None:
         """Delete the weights of a rolled-back or failed attempt (unless run.keep_rejected_checkpoints):
@@ -575,7 +603,7 @@ class Runner:
         integrity.record(manifest, ws.root, "final")
         for path in ws.data_dir.glob("pool-*"):  # superseded pool versions
             if f"data/{path.name}" != manifest["pool"]:
-                integrity.forget(manifest, f"data/{path.name}")
+                integrity.forget(manifest, under=f"data/{path.name}")
         ws.save_manifest(manifest)
         for path in ws.data_dir.glob("pool-*"):  # removed only once the manifest no longer names them
             if f"data/{path.name}" != manifest["pool"]:

@@ -23,11 +23,13 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
+    Field,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -314,7 +316,19 @@ class Workspace:
 # Checked on every load, so that a manifest edited by hand (or by a tool) is refused with one message
 # naming the field, instead of failing later wherever that field is read. Strict: "3" is not 3.
 Number = StrictFloat | StrictInt | StrictBool | Literal["inf", "-inf", "nan"] | None
-Metrics = dict[str, Number]
+
+
+def _numbers(metrics: dict) -> dict:
+    """Metric values are numbers (non-finite ones as "inf", "-inf", "nan"); a diverged model's
+    evaluation also says why, in words (``diverged_reason``)."""
+    for k, v in metrics.items():
+        if isinstance(v, str) and v not in NON_FINITE and not k.startswith("diverged"):
+            raise ValueError(f"metric {k!r} is {v!r}, not a number")
+    return metrics
+
+
+Metrics = Annotated[dict[str, Number | str], AfterValidator(_numbers)]
+Count = Annotated[StrictInt, Field(ge=1)]
 
 
 class _Part(BaseModel):
@@ -341,34 +355,36 @@ class _Stop(_Part):
 
 
 class _Entry(_Part):
+    # A field that may be absent is typed without None unless the runner writes None: a default is
+    # not validated, so absent passes and a hand-written null is refused.
     key: str
     status: Literal["running", "accepted", "rolled_back", "failed", "skipped", "interrupted", "error"]
-    round: StrictInt
-    index: StrictInt
+    round: Count
+    index: Count
     name: str
-    attempts: StrictInt
-    fingerprint: str | None = None
-    decision: str | None = None
-    reason: str | None = None
+    attempts: Annotated[StrictInt, Field(ge=0)]
+    fingerprint: str = ""
+    decision: str = ""
+    reason: str = ""
     start_checkpoint: str
     checkpoint: str | None = None
     metrics_before: Metrics
-    metrics_after: Metrics | None = None
-    stage_metrics: dict[str, Any] | None = None
-    checks: list[_Check] | None = None
-    artefacts: dict[str, str] | None = None
-    auxiliary: dict[str, str] | None = None
-    annotations: _Annotations | None = None
-    seconds: StrictFloat | StrictInt | None = None
-    eval_seconds: StrictFloat | StrictInt | None = None
-    steps: StrictInt | None = None
-    pool_added: StrictInt | None = None
-    pool_dropped_by_cap: StrictInt | None = None
-    scrubbed: dict[str, StrictInt] | None = None
+    metrics_after: Metrics = {}
+    stage_metrics: dict[str, Any] = {}
+    checks: list[_Check] = []
+    artefacts: dict[str, str] = {}
+    auxiliary: dict[str, str] = {}
+    annotations: _Annotations | None = None  # written only when a stage annotated
+    seconds: StrictFloat | StrictInt = 0
+    eval_seconds: StrictFloat | StrictInt = 0
+    steps: StrictInt = 0
+    pool_added: StrictInt = 0
+    pool_dropped_by_cap: StrictInt = 0
+    scrubbed: dict[str, StrictInt] = {}
 
     @model_validator(mode="after")
     def _decided(self):
-        if self.status in ("accepted", "rolled_back", "failed") and (self.metrics_after is None or self.reason is None):
+        if self.status in ("accepted", "rolled_back", "failed") and not (self.metrics_after and self.reason):
             raise ValueError(f"a stage {self.status} has metrics_after and a reason")
         return self
 
@@ -378,19 +394,19 @@ class _Manifest(_Part):
     status: str
     model_kind: Literal["causal", "masked"]
     current_checkpoint: str
-    initial_checkpoint: str | None = None
+    initial_checkpoint: str = ""
     pool: str
     baseline_metrics: Metrics
     accepted_metrics: Metrics
-    final_metrics: Metrics | None = None
+    final_metrics: Metrics = {}
     data: dict[str, Any]
     stages: list[_Entry]
-    run_fingerprints: dict[str, str] | None = None
+    run_fingerprints: dict[str, str] = {}
     checksums: dict[str, dict[str, str]] = {}
-    stop: _Stop | None = None
+    stop: _Stop | None = None  # read with .get(): null means none
     initial_samples: list[str] = []
     sample_prompts: list[str] = []
-    eval_documents: StrictInt | None = None
+    eval_documents: Count = 1
 
 
 def check_manifest(manifest: Any, path: Path) -> None:
@@ -403,11 +419,21 @@ def check_manifest(manifest: Any, path: Path) -> None:
     except SelftrainError as e:
         raise SelftrainError(f"{path} is not consistent: {e}") from None
     except ValidationError as e:
-        where = [".".join(map(str, err["loc"])) or "(top)" for err in e.errors()]
-        first = e.errors()[0]
-        raise SelftrainError(f"{path} is not a complete selftrain manifest: {', '.join(sorted(set(where))[:5])}"
-                             f"{' ...' if len(set(where)) > 5 else ''} missing or malformed ({first['msg']}). "
-                             "Was it edited? Restore it from a backup") from None
+        where = list(dict.fromkeys(_location(err["loc"]) for err in e.errors()))  # in the manifest's order
+        shown = ", ".join(where[:10]) + (f" and {len(where) - 10} more" if len(where) > 10 else "")
+        raise SelftrainError(f"{path} is not a complete selftrain manifest: {shown} missing or malformed "
+                             f"({e.errors()[0]['msg']}). Was it edited? Restore it from a backup") from None
+
+
+def _location(loc: tuple) -> str:
+    """("stages", 0, "status") -> "stages[0].status"; pydantic's own validator names are dropped."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" not in str(part) and "-" not in str(part):
+            out += f".{part}" if out else str(part)
+    return out or "(top)"
 
 
 def _check_consistent(manifest: dict) -> None:
@@ -417,7 +443,14 @@ def _check_consistent(manifest: dict) -> None:
     models = {manifest.get("initial_checkpoint"), *(e.get("checkpoint") for e in accepted)} - {None}
     pools = {"data/pool", *(f"data/pool-{e['key']}" for e in accepted)}
     keys = [e["key"] for e in manifest["stages"]]
-    problem = ("current_checkpoint is not the initial checkpoint nor one an accepted stage wrote"
+    paths = [manifest["current_checkpoint"], manifest["pool"], manifest.get("initial_checkpoint") or "checkpoints",
+             *manifest.get("checksums", {}),
+             *(p for e in manifest["stages"] for p in (e.get("checkpoint"), e.get("start_checkpoint"),
+                                                       *(e.get("artefacts") or {}).values(),
+                                                       *(e.get("auxiliary") or {}).values(),
+                                                       (e.get("annotations") or {}).get("path")) if p is not None)]
+    outside = [p for p in paths if not p or p.startswith(("/", "~")) or ".." in Path(p).parts]
+    problem = (f"path {outside[0]!r} leads out of the run directory" if outside else"current_checkpoint is not the initial checkpoint nor one an accepted stage wrote"
                if manifest["current_checkpoint"] not in models and "initial_checkpoint" in manifest else
                "pool is not the initial pool nor one an accepted stage wrote"
                if manifest["pool"] not in pools and not manifest["pool"].startswith("data/pool-restart-") else

@@ -2,7 +2,8 @@
 nothing is lost or half-read. Also fills the disk (simulated) once per stage.
 
     python -m tests.fault_harness --kills-per-stage 2          # the quick form (CI)
-    python -m tests.fault_harness --kills-per-stage 10 --full   # the full form (-m slow)
+    python -m tests.fault_harness --kills-per-stage 10 --seed 1  # the full form (-m slow)
+    unshare -rm python -m tests.fault_harness --real-disk-full 3  # a real full disk (a 3 MB tmpfs)
 
 1. A census run of a micro config with all eight stages lists every fault point it passes
    (``selftrain.faults``): training steps, evaluation and generation batches, each file written
@@ -318,10 +319,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. the cut run
     cuts = plan_cuts(hits, args.kills_per_stage, rng)
-    outcomes, problems = Counter(), []
+    outcomes, problems, by_point = Counter(), [], Counter()
     for i, (action, part, name, nth) in enumerate(cuts):
         if part in finished_parts(base / "run"):  # an earlier cut landed after this part was committed
-            outcomes["not run: its part had finished"] += 1
+            outcomes[f"{'kill' if action == 'kill' else 'disk full'} not run: its part had finished"] += 1
             continue
         log = base / f"launch-{i:03d}.log"
         rc = launch(base / "run.yaml", log, f"{action}@{part}/{name}#{nth}")
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
             at_end = "/(end)" in text  # the point came fewer times in this launch: cut at the part's end
             outcomes[("killed at the part's end" if at_end else "killed at the point") if rc == -signal.SIGKILL
                      else f"kill: rc {rc}"] += 1
+            if rc == -signal.SIGKILL:
+                by_point["(end of part)" if at_end else name.split(":")[0]] += 1
             if rc not in (-signal.SIGKILL, 0):
                 problems.append(f"launch {i} ({part}/{name}#{nth}): rc {rc}\n{text[-2000:]}")
         else:
@@ -355,7 +358,6 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoModelForCausalLM
 
         AutoModelForCausalLM.from_pretrained(base / "run" / "final")
-    by_point = Counter(name.split(":")[0] for action, _, name, _ in cuts if action == "kill")
     summary = {"fault_injection": True, "parts": len({c[1] for c in cuts}), "kills_planned": sum(c[0] == "kill" for c in cuts),
                "disk_full_planned": sum(c[0] == "enospc" for c in cuts), "outcomes": dict(outcomes),
                "kills_by_point": dict(by_point), "census_points": len(hits), "launches": len(cuts) + 2,

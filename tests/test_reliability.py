@@ -122,7 +122,7 @@ def test_a_damaged_file_the_manifest_names_is_refused_by_name_and_nothing_change
     from selftrain.cli import app
 
     out = CliRunner().invoke(app, ["inspect", str(run_dir), "--verify"])  # the same finding, for a person
-    assert out.exit_code == 2 and expected in out.output and "damaged" in out.output or "missing" in out.output
+    assert out.exit_code == 2 and expected in out.output and ("damaged" in out.output or "missing" in out.output)
 
 
 def test_inspect_verify_passes_a_whole_run(two_stage_run):
@@ -256,7 +256,8 @@ class LeakStage(Stage):
         parent = state.pool.ds["id"][0]
         return StageResult(additions=make_examples([SECRETS, "A clean sentence about the cat."], origin="synthetic",
                                                    op="leak", stage=state.stage_key, round=state.round,
-                                                   parent_ids=[parent, parent]))
+                                                   parent_ids=[parent, parent],
+                                                   metas=[{"input": SECRETS, "completion": "ok"}, {}]))
 
 
 @pytest.mark.parametrize("kinds", [None, []])
@@ -273,8 +274,10 @@ def test_secrets_in_synthetic_text_are_scrubbed_before_the_pool(tmp_path, corpus
     synthetic = [t for t, o in zip(pool["text"], pool["origin"]) if o == "synthetic"]
     assert len(synthetic) == 2 and "A clean sentence about the cat." in synthetic
     entry = manifest["stages"][0]
-    if kinds is None:  # the default: all three kinds
-        assert not any("jane" in t or "AKIA" in t for t in synthetic)
+    metas = [m for m, o in zip(pool["meta"], pool["origin"]) if o == "synthetic"]
+    if kinds is None:  # the default: all three kinds, in the text and in the meta later stages train on
+        assert not any("jane" in t or "AKIA" in t for t in synthetic + metas)
+        assert any('"input": "Write to <email>' in m for m in metas)
         assert entry["scrubbed"] == {"email": 1, "phone": 1, "key": 2}
         assert any(c["name"] == "scrub" for c in entry["checks"])
     else:  # switched off: the text as written
@@ -292,3 +295,35 @@ def test_a_trainer_checkpoint_cut_while_its_state_was_written_is_skipped(tmp_pat
         if state is not None:
             (folder / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"  # 8: cut short; 12: not yet written
+
+
+def test_a_damaged_annotation_layer_is_refused_before_the_next_stage_writes_anything(tmp_path, corpus_file):
+    from tests.example_stage import LengthClassesStage  # noqa: F401  (registers example_lengths)
+
+    cfg = micro_config(tmp_path / "run", corpus_file, ["example_lengths"])
+    manifest = Runner(config_from_dict(cfg)).run()
+    layer = tmp_path / "run" / manifest["stages"][0]["annotations"]["path"]
+    layer.write_text(layer.read_text().replace(": 0", ": 2", 1))  # still valid JSON, one class changed
+    cfg["stages"].append(pretrain(max_steps=2, save_steps=100))
+    before = _tree(tmp_path / "run")
+    with pytest.raises(SelftrainError, match="annotations of r1-01-example_lengths .*annotations.json is damaged: its contents differ"):
+        Runner(config_from_dict(cfg)).run()
+    assert _tree(tmp_path / "run") == before
+
+
+def test_restart_forgets_the_checksums_of_what_it_drops(tmp_path, corpus_file):
+    from typer.testing import CliRunner
+
+    from selftrain.cli import app
+
+    REGISTRY["leak"] = LeakStage
+    try:
+        cfg = micro_config(tmp_path / "run", corpus_file, [pretrain(max_steps=2, save_steps=100), "leak"])
+        first = Runner(config_from_dict(cfg)).run()
+        assert first["pool"] == "data/pool-r1-02-leak" and "stages/r1-01-pretrain/model" in first["checksums"]
+        # the redone stages write anew; nothing recorded for the dropped ones may be left to fail --verify
+        Runner(config_from_dict(cfg), restart_from="r1-01-pretrain").run()
+    finally:
+        REGISTRY.pop("leak")
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--verify"])
+    assert out.exit_code == 0 and "match their checksums" in out.output, out.output

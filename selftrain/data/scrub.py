@@ -9,6 +9,7 @@ with high entropy), so ordinary numbers, dates and words stay. What is removed i
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -16,7 +17,7 @@ from collections import Counter
 KINDS = ("email", "phone", "key")
 PLACEHOLDER = {"email": "<email>", "phone": "<phone>", "key": "<secret>"}
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 PHONE = re.compile(
     r"(?<![\w+])(?:"
     r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}"  # international: +44 20 7946 0958, +1 (555) 123-4567
@@ -33,7 +34,7 @@ KEY_SHAPES = re.compile(
     re.DOTALL)
 # `api_key = "..."`, `password: ...`: the value after a secret-sounding label
 LABELLED = re.compile(r"(?i)\b((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|token|password|"
-                      r"passwd)\s*[:=]\s*[\"']?)([^\s\"'<>]{8,})")
+                      r"passwd)\s*[:=]\s*[\"']?)([A-Za-z0-9_+/=.@#$%!&*-]{8,})(?=[\s\"',;)]|$)")
 LONG_TOKEN = re.compile(r"(?<![\w+=-])[A-Za-z0-9_+=-]{32,}(?![\w+=-])")  # no "/": paths are not keys
 
 
@@ -44,6 +45,12 @@ def _key_like(token: str) -> bool:
     counts = Counter(token)
     entropy = -sum(c / len(token) * math.log2(c / len(token)) for c in counts.values())
     return entropy >= 3.0  # hex digests (~3.7) included; words repeat letters
+
+
+def _labelled_value(match: str) -> bool:
+    """The value after ``token =``: a secret has a digit or is long; ``token = tokens_list`` is code."""
+    value = LABELLED.fullmatch(match).group(2)
+    return any(ch.isdigit() for ch in value) or len(value) >= 16
 
 
 def scrub(text: str, kinds: tuple[str, ...] | list[str] = KINDS) -> tuple[str, Counter]:
@@ -60,7 +67,7 @@ def scrub(text: str, kinds: tuple[str, ...] | list[str] = KINDS) -> tuple[str, C
 
     if "key" in kinds:  # first: a key can contain an @ or look like digits
         text = sub(KEY_SHAPES, "key", text)
-        text = sub(LABELLED, "key", text, repl=lambda m: m.group(1) + PLACEHOLDER["key"])
+        text = sub(LABELLED, "key", text, repl=lambda m: m.group(1) + PLACEHOLDER["key"], keep=_labelled_value)
         text = sub(LONG_TOKEN, "key", text, keep=_key_like)
     if "email" in kinds:
         text = sub(EMAIL, "email", text)
@@ -70,11 +77,28 @@ def scrub(text: str, kinds: tuple[str, ...] | list[str] = KINDS) -> tuple[str, C
 
 
 def scrub_examples(examples: list[dict], kinds) -> tuple[list[dict], Counter]:
-    """The examples with their text scrubbed (provenance unchanged), and the counts over all of them."""
+    """The examples with their text scrubbed, and the strings of their ``meta`` JSON too (an
+    instruction, an input, a completion: later stages train on those), provenance unchanged; and
+    the counts over all texts (an item found in both the text and its meta counts once)."""
     total: Counter = Counter()
     out = []
     for ex in examples:
         text, found = scrub(ex["text"], kinds)
         total.update(found)
+        meta = ex.get("meta")
+        if isinstance(meta, str) and meta:
+            scrubbed_meta = json.dumps(_scrub_strings(json.loads(meta), kinds), sort_keys=True)
+            if scrubbed_meta != meta:
+                ex = {**ex, "meta": scrubbed_meta}
         out.append({**ex, "text": text} if found else ex)
     return out, total
+
+
+def _scrub_strings(value, kinds):
+    if isinstance(value, str):
+        return scrub(value, kinds)[0]
+    if isinstance(value, dict):
+        return {k: _scrub_strings(v, kinds) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_strings(v, kinds) for v in value]
+    return value

@@ -19,7 +19,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from selftrain.config import safe_yaml
+from selftrain.config import MAX_YAML_BYTES, safe_yaml
 from selftrain.errors import SelftrainError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -195,6 +195,8 @@ def load_task(ref: str | Path) -> TaskSpec:
     if not path.is_file():
         raise SelftrainError(f"unknown task {ref!r}: not a file, and the built-in tasks are "
                              f"{', '.join(builtin_tasks())}")
+    if path.stat().st_size > MAX_YAML_BYTES:  # refused before it is read
+        raise SelftrainError(f"task file {path} is {path.stat().st_size:,} bytes; the limit is {MAX_YAML_BYTES:,}")
     try:
         raw = safe_yaml(path.read_text(encoding="utf-8"), "the task file")
     except yaml.YAMLError as e:

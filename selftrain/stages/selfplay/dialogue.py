@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from selftrain.config import safe_yaml
 from selftrain.errors import SelftrainError
 from selftrain.modeling.chat import render_prompt
 from selftrain.modeling.embeddings import load_encoder
@@ -35,7 +36,7 @@ def chatterbot_seeds(limit: int | None = None) -> list[list[str]]:
     out: list[list[str]] = []
     for f in sorted(folder.glob("*.yml")):
         try:
-            doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+            doc = safe_yaml(f.read_text(encoding="utf-8"), str(f)) or {}
         except yaml.YAMLError:
             continue  # one broken file must not hide the others
         for conv in doc.get("conversations") or []:
