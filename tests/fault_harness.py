@@ -266,7 +266,7 @@ def real_disk_full(base: Path, megabytes: float = 2) -> dict:
     (base / "disk.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     rc = launch(base / "disk.yaml", base / "disk-full.log")
     text = (base / "disk-full.log").read_text(errors="replace")
-    problems = [] if rc == 2 and "No space left on device" in text and "Traceback" not in text else [
+    problems = [] if rc == 2 and "no space left on device" in text.lower() and "Traceback" not in text else [
         f"full disk: rc {rc}, expected 2 with one message\n{text[-3000:]}"]
     problems += check_state(disk / "run")
     state = finished_parts(disk / "run")
@@ -278,7 +278,7 @@ def real_disk_full(base: Path, megabytes: float = 2) -> dict:
         expected = [f"r1-{i:02d}-{next(iter(s)) if isinstance(s, dict) else s}" for i, s in enumerate(cfg["stages"], 1)]
         problems += check_finished(disk / "run", expected)
     summary = {"real_disk_full": True, "finished_before_the_disk_filled": sorted(state), "problems": problems,
-               "message": next((line for line in text.splitlines() if "No space" in line), None)}
+               "message": next((line for line in text.splitlines() if "no space left" in line.lower()), None)}
     print(json.dumps(summary))
     return summary
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
             if rc not in (-signal.SIGKILL, 0):
                 problems.append(f"launch {i} ({part}/{name}#{nth}): rc {rc}\n{text[-2000:]}")
         else:
-            ok = rc == 2 and "No space left on device" in text and "Traceback" not in text
+            ok = rc == 2 and "no space left on device" in text.lower() and "Traceback" not in text
             outcomes["disk full: clear exit 2" if ok else f"disk full: rc {rc}"] += 1
             if not ok:
                 problems.append(f"launch {i} (disk full at {part}/{name}#{nth}): rc {rc}\n{text[-2000:]}")

@@ -327,3 +327,15 @@ def test_restart_forgets_the_checksums_of_what_it_drops(tmp_path, corpus_file):
         REGISTRY.pop("leak")
     out = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--verify"])
     assert out.exit_code == 0 and "match their checksums" in out.output, out.output
+
+
+def test_an_error_message_is_printed_as_written(tmp_path):
+    """Messages quote paths and library errors ("[enforce fail at ...]", "stages[0]"): they are text,
+    never console markup that would swallow them."""
+    from typer.testing import CliRunner
+
+    from selftrain.cli import app
+
+    path = tmp_path / "[bold]run[/bold] [enforce fail at x.cc:1].yaml"
+    out = CliRunner().invoke(app, ["run", str(path)])
+    assert out.exit_code == 2 and str(path) in out.output.replace("\n", ""), out.output
