@@ -15,8 +15,7 @@ class DiskFull(SelftrainError):
 
 # How a full disk shows when the OSError is wrapped: safetensors and Arrow keep its text; torch.save
 # (Trainer's optimizer.pt, rng_state.pth) raises "unexpected pos" from a stream that failed to write.
-DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "unexpected pos", "PytorchStreamWriter failed writing",
-                  "basic_ios::clear")
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "unexpected pos", "PytorchStreamWriter failed writing")
 
 
 def disk_full(error: BaseException | None) -> bool:

@@ -55,14 +55,15 @@ def verify(manifest: dict, root: Path, rel: str, what: str) -> None:
     if expected is None:
         return
     path = inside(root, rel)
+    # a stage's output can be redone; the pools and held-out data are the run's own, made at set-up
+    way_out = "Restore it from a backup" + ("" if rel.startswith("data/") else
+                                             ", or redo the stage that wrote it with --restart-from")
     if not path.exists():
-        raise SelftrainError(f"{what} {path} is missing; the run recorded it. Restore it from a backup, or "
-                             "redo the stage that wrote it with --restart-from")
+        raise SelftrainError(f"{what} {path} is missing; the run recorded it. {way_out}")
     actual = digest(path)
     changed = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
     if changed:
         names = "its contents differ" if changed == ["."] else (
             ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "") + " differ")
         raise SelftrainError(f"{what} {path} is damaged: {names} from the checksums recorded when it was "
-                             "written, so it is not loaded. Restore it from a backup, or redo the stage that "
-                             "wrote it with --restart-from")
+                             f"written, so it is not loaded. {way_out}")

@@ -227,14 +227,15 @@ class Runner:
         self._check_metric_names(manifest["baseline_metrics"])
         finished = {e["key"] for e in entries[:cut] if e["status"] in DONE}
         todo = [spec for key, _, _, spec in self.plan() if key not in finished]
-        problem = self._input_problem(manifest)  # what the run would read next, before it changes anything
+        # what the run reads next, checked before anything changes: the run as it will be after a restart
+        # (whose damaged later stages the restart is there to redo), with the current pool it filters
+        view = manifest if cut == len(entries) else {**manifest, "stages": entries[:cut],
+                                                     "current_checkpoint": entries[cut]["start_checkpoint"]}
+        problem = self._input_problem(view, also=["data/pool"])
         if problem:
             raise SelftrainError(problem)
         if todo:
-            start = entries[cut]["start_checkpoint"] if cut < len(entries) else manifest["current_checkpoint"]
-            integrity.verify(manifest, ws.root, start, "checkpoint")
-            model, tokenizer = load_checkpoint(ws.abs(start), manifest["model_kind"])
-            integrity.verify(manifest, ws.root, "data/pool", "pool")
+            model, tokenizer = load_checkpoint(ws.abs(view["current_checkpoint"]), manifest["model_kind"])
             train_texts = Pool.load(ws.data_dir / "pool").text_view()
             self._preflight(todo, model, tokenizer, manifest["model_kind"], train_texts)
             del model
@@ -322,14 +323,7 @@ class Runner:
     # ------------------------------------------------------------------ the loop
     def _stages(self, manifest: dict) -> dict:
         ws = self.ws
-        problem = None
-        if distributed.is_main():
-            try:
-                integrity.verify(manifest, ws.root, "data/heldout", "held-out data")
-            except SelftrainError as e:
-                problem = str(e)
-        if distributed.broadcast(problem):
-            raise SelftrainError(problem or "the held-out data is damaged (see rank 0)")
+        self._verify_inputs(manifest, only=["data/heldout"])
         held = Pool.load(ws.data_dir / "heldout")
         # a run begun before eval.max_documents existed scored every held-out text: it goes on so
         heldout = held.texts() if "eval_documents" not in manifest else held.spread_texts(manifest["eval_documents"])
@@ -349,7 +343,13 @@ class Runner:
                                             "fingerprint": stage_fingerprint(spec),
                                             "start_checkpoint": manifest["current_checkpoint"],
                                             "metrics_before": manifest["accepted_metrics"]}
-                    manifest["stages"].append(entry)
+                    old = next((i for i, e in enumerate(manifest["stages"]) if e["key"] == key), None)
+                    if old is None:
+                        manifest["stages"].append(entry)
+                    else:  # an unfinished attempt (interrupted, or an error fixed since) is skipped in its place
+                        manifest["stages"][old] = entry
+                        shutil.rmtree(ws.stage_dir(key), ignore_errors=True)
+                        ws.drop_metrics({key})
                     ws.save_manifest(manifest)
                     self.console.print(f"[yellow]{key} skipped[/]: {budget[1]}")
                 else:
@@ -514,32 +514,47 @@ class Runner:
                 raise ValueError(f"{what} {path} is outside the stage directory {stage_dir}")
             if not path.exists():
                 raise FileNotFoundError(f"{what} {path} does not exist")
+        for row in result.additions:  # rows joining the pool: a text and JSON meta, as make_examples writes
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError("a stage's additions are rows with a text (see selftrain.data.pool.make_examples)")
+            try:
+                json.loads(row.get("meta") or "{}")
+            except (TypeError, ValueError):
+                raise ValueError(f"addition {row.get('id')!r}: its meta is not a JSON string") from None
         result.annotations = plain_annotations(result.annotations)
         pool.check_annotations(result.annotations)
         pool.annotated([*layers, result.annotations])  # raises if a column would mix types
 
-    def _verify_inputs(self, manifest: dict) -> None:
-        """Everything a stage reads, checked against the checksums recorded when it was written. Rank 0
-        checks (it wrote them and holds their checksums) and every rank follows its verdict."""
-        problem = distributed.broadcast(self._input_problem(manifest) if distributed.is_main() else None)
+    def _verify_inputs(self, manifest: dict, only: list[str] | None = None) -> None:
+        """Everything a stage reads (or just ``only``), checked against the checksums recorded when it
+        was written. Rank 0 checks (it wrote them and holds their checksums) and every rank follows."""
+        problem = None
+        if distributed.is_main():
+            try:
+                problem = self._input_problem(manifest) if only is None else self._input_problem(
+                    {**manifest, "stages": []}, also=only, inputs=False)
+            except Exception as e:  # an unreadable file, say: every rank must leave, not wait for rank 0
+                problem = f"cannot check the run's files: {type(e).__name__}: {e}"
+        problem = distributed.broadcast(problem)
         if problem:
             raise SelftrainError(problem)
 
-    def _input_problem(self, manifest: dict) -> str | None:
-        """What is damaged among the model, the pool and accepted stages' annotations, artefacts and
-        auxiliary models; None if nothing."""
+    def _input_problem(self, manifest: dict, also: list[str] = (), inputs: bool = True) -> str | None:
+        """What is damaged among the model, the pool, accepted stages' annotations, artefacts and
+        auxiliary models (``inputs``) and the paths in ``also``; None if nothing. Each path is hashed once."""
         root = self.ws.root
+        named = [(manifest["pool"], "pool"), (manifest["current_checkpoint"], "checkpoint")] if inputs else []
+        for e in manifest["stages"]:
+            if e["status"] != "accepted":
+                continue
+            if e.get("annotations"):
+                named.append((e["annotations"]["path"], f"annotations of {e['key']}"))
+            for kind, what in (("artefacts", "artefact"), ("auxiliary", "auxiliary model")):
+                named += [(rel, f"{what} {name!r} of {e['key']}") for name, rel in (e.get(kind) or {}).items()]
+        named += [(rel, "held-out data" if rel == "data/heldout" else "pool") for rel in also]
         try:
-            integrity.verify(manifest, root, manifest["pool"], "pool")
-            integrity.verify(manifest, root, manifest["current_checkpoint"], "checkpoint")
-            for e in manifest["stages"]:
-                if e["status"] != "accepted":
-                    continue
-                if e.get("annotations"):
-                    integrity.verify(manifest, root, e["annotations"]["path"], f"annotations of {e['key']}")
-                for kind, what in (("artefacts", "artefact"), ("auxiliary", "auxiliary model")):
-                    for name, rel in (e.get(kind) or {}).items():
-                        integrity.verify(manifest, root, rel, f"{what} {name!r} of {e['key']}")
+            for rel, what in dict(named).items():
+                integrity.verify(manifest, root, rel, what)
         except SelftrainError as e:
             return str(e)
         return None

@@ -339,3 +339,46 @@ def test_an_error_message_is_printed_as_written(tmp_path):
     path = tmp_path / "[bold]run[/bold] [enforce fail at x.cc:1].yaml"
     out = CliRunner().invoke(app, ["run", str(path)])
     assert out.exit_code == 2 and str(path) in out.output.replace("\n", ""), out.output
+
+
+def test_an_interrupted_stage_skipped_by_a_smaller_budget_is_skipped_in_its_place(tmp_path, corpus_file, monkeypatch):
+    """Ctrl-C in stage 2, then a resume whose round budget is already spent: stage 2 is recorded as
+    skipped where its interrupted attempt stood (not a second entry with the same key)."""
+    from selftrain.training import callbacks
+
+    cfg = micro_config(tmp_path / "run", corpus_file, [pretrain(max_steps=4, save_steps=100),
+                                                      pretrain(max_steps=40, save_steps=100)])
+    step_end = callbacks.ProgressReporter.on_step_end
+
+    def ctrl_c_in_stage_two(self, args, state, control, **kw):
+        if self.stage_key == "r1-02-pretrain" and state.global_step >= 2:
+            raise KeyboardInterrupt
+        return step_end(self, args, state, control, **kw)
+
+    monkeypatch.setattr(callbacks.ProgressReporter, "on_step_end", ctrl_c_in_stage_two)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(config_from_dict(cfg)).run()
+    monkeypatch.setattr(callbacks.ProgressReporter, "on_step_end", step_end)
+    assert [e["status"] for e in Workspace(tmp_path / "run").load_manifest()["stages"]] == ["accepted", "interrupted"]
+    cfg["stop"] = {"round_max_steps": 3}  # stage 1 took 4: the round's budget is spent
+    manifest = Runner(config_from_dict(cfg)).run()
+    assert [(e["key"], e["status"]) for e in manifest["stages"]] == [("r1-01-pretrain", "accepted"),
+                                                                     ("r1-02-pretrain", "skipped")]
+    assert Workspace(tmp_path / "run").load_manifest()["status"] == "finished"  # and it loads
+
+
+def test_restart_from_redoes_a_stage_whose_output_was_damaged(tmp_path, corpus_file):
+    """The way out the message names works: --restart-from the stage that wrote the damaged file."""
+    cfg = micro_config(tmp_path / "run", corpus_file, [pretrain(max_steps=2, save_steps=100),
+                                                      pretrain(max_steps=2, save_steps=100)])
+    manifest = Runner(config_from_dict(cfg)).run()
+    weights = tmp_path / "run" / manifest["current_checkpoint"] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    cfg["rounds"] = 2  # more work: a plain resume must read the damaged model, and refuses
+    with pytest.raises(SelftrainError, match="r1-02-pretrain/model .*is damaged"):
+        Runner(config_from_dict(cfg)).run()
+    done = Runner(config_from_dict(cfg), restart_from="r1-02-pretrain").run()
+    assert done["status"] == "finished" and [e["key"] for e in done["stages"]] == [
+        "r1-01-pretrain", "r1-02-pretrain", "r2-01-pretrain", "r2-02-pretrain"]

@@ -30,11 +30,12 @@ KEY_SHAPES = re.compile(
     r"|\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}"  # GitHub tokens
     r"|\bsk-[A-Za-z0-9_-]{20,}|\bxox[abprs]-[A-Za-z0-9-]{10,}"  # API keys of the sk- kind, Slack tokens
     r"|\bAIza[0-9A-Za-z_-]{35}\b"  # Google API keys
-    r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JSON web tokens
+    r"|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JSON web tokens
     re.DOTALL)
 # `api_key = "..."`, `password: ...`: the value after a secret-sounding label
 LABELLED = re.compile(r"(?i)\b((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|token|password|"
-                      r"passwd)\s*[:=]\s*[\"']?)([A-Za-z0-9_+/=.@#$%!&*-]{8,})(?=[\s\"',;)]|$)")
+                      r"passwd)\s*[:=]\s*[\"']?)([A-Za-z0-9_+/.@#$%!&*-]{8,}={0,2})(?=[\s\"',;)&]|$)")
+# (no "=" inside a value, only as base64 padding: "token=token=..." must not make the scan quadratic)
 LONG_TOKEN = re.compile(r"(?<![\w+=-])[A-Za-z0-9_+=-]{32,}(?![\w+=-])")  # no "/": paths are not keys
 
 
@@ -84,21 +85,30 @@ def scrub_examples(examples: list[dict], kinds) -> tuple[list[dict], Counter]:
     out = []
     for ex in examples:
         text, found = scrub(ex["text"], kinds)
+        if found:
+            ex = {**ex, "text": text}
+        try:
+            meta = json.loads(ex["meta"]) if isinstance(ex.get("meta"), str) and ex["meta"] else None
+        except ValueError:  # not JSON: the runner's own check fails the stage for it
+            meta = None
+        if meta is not None:
+            in_meta: Counter = Counter()
+            clean = _scrub_strings(meta, kinds, in_meta)
+            if in_meta:
+                ex = {**ex, "meta": json.dumps(clean, sort_keys=True)}
+                found = found | in_meta  # per kind, the larger count: the text usually repeats the meta
         total.update(found)
-        meta = ex.get("meta")
-        if isinstance(meta, str) and meta:
-            scrubbed_meta = json.dumps(_scrub_strings(json.loads(meta), kinds), sort_keys=True)
-            if scrubbed_meta != meta:
-                ex = {**ex, "meta": scrubbed_meta}
-        out.append({**ex, "text": text} if found else ex)
+        out.append(ex)
     return out, total
 
 
-def _scrub_strings(value, kinds):
+def _scrub_strings(value, kinds, found: Counter):
     if isinstance(value, str):
-        return scrub(value, kinds)[0]
+        text, n = scrub(value, kinds)
+        found.update(n)
+        return text
     if isinstance(value, dict):
-        return {k: _scrub_strings(v, kinds) for k, v in value.items()}
+        return {k: _scrub_strings(v, kinds, found) for k, v in value.items()}
     if isinstance(value, list):
-        return [_scrub_strings(v, kinds) for v in value]
+        return [_scrub_strings(v, kinds, found) for v in value]
     return value
