@@ -237,7 +237,8 @@ def test_scrub_finds_addresses_phones_and_keys_and_leaves_numbers_alone():
     text, found = scrub(SECRETS)
     assert dict(found) == {"email": 1, "phone": 1, "key": 2}
     assert "jane" not in text and "555" not in text and "AKIA" not in text and "q8w7" not in text
-    plain = "On 2024-01-15 at 12:30, 1,000,000 people paid 3.50 each; version 3.11.4; call it 123 456 789."
+    plain = ("On 2024-01-15 at 12:30, 1,000,000 people paid 3.50 each; version 3.11.4; call it 123 456 789; "
+             "Decimal('+35236450.6'); token = tokens[0]; https://example.org/recipes/577452-a-memoize-decorator-for-methods")
     assert scrub(plain) == (plain, {})
     assert scrub(SECRETS, kinds=["email"])[1] == {"email": 1}
 

@@ -36,16 +36,25 @@ KEY_SHAPES = re.compile(
 LABELLED = re.compile(r"(?i)\b((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|token|password|"
                       r"passwd)\s*[:=]\s*[\"']?)([A-Za-z0-9_+/.@#$%!&*-]{8,}={0,2})(?=[\s\"',;)&]|$)")
 # (no "=" inside a value, only as base64 padding: "token=token=..." must not make the scan quadratic)
-LONG_TOKEN = re.compile(r"(?<![\w+=-])[A-Za-z0-9_+=-]{32,}(?![\w+=-])")  # no "/": paths are not keys
+LONG_TOKEN = re.compile(r"(?<![\w+=/-])[A-Za-z0-9_+=-]{32,}(?![\w+=-])")  # no "/": paths and URLs are not keys
 
 
 def _key_like(token: str) -> bool:
     """32+ characters, letters and 4+ digits, high entropy: a key, a token, a digest."""
     if not re.search(r"[A-Za-z]", token) or sum(ch.isdigit() for ch in token) < 4:  # an_identifier_like_this_2
         return False
+    if len(re.findall(r"(?:^|[-_])[A-Za-z]{3,}(?=[-_]|$)", token)) >= 3:  # words: 577452-a-memoize-decorator-for
+        return False
     counts = Counter(token)
     entropy = -sum(c / len(token) * math.log2(c / len(token)) for c in counts.values())
     return entropy >= 3.0  # hex digests (~3.7) included; words repeat letters
+
+
+def _phone_like(match: str) -> bool:
+    """8-15 digits, grouped by two or more separators (+44 20 7946 0958), or +digits alone (E.164):
+    a signed decimal such as +35236450.6 (one separator) is a number, not a phone."""
+    digits, separators = sum(ch.isdigit() for ch in match), sum(ch in " .-()" for ch in match)
+    return 8 <= digits <= 15 and (separators >= 2 or (separators == 0 and digits >= 10))
 
 
 def _labelled_value(match: str) -> bool:
@@ -73,7 +82,7 @@ def scrub(text: str, kinds: tuple[str, ...] | list[str] = KINDS) -> tuple[str, C
     if "email" in kinds:
         text = sub(EMAIL, "email", text)
     if "phone" in kinds:
-        text = sub(PHONE, "phone", text, keep=lambda s: 8 <= sum(ch.isdigit() for ch in s) <= 15)
+        text = sub(PHONE, "phone", text, keep=_phone_like)
     return text, found
 
 
