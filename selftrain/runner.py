@@ -300,8 +300,7 @@ class Runner:
         back to what they were when it started."""
         ws, first = self.ws, manifest["stages"][cut]
         dropped = {e["key"] for e in manifest["stages"][cut:]}
-        integrity.verify(manifest, ws.root, manifest["pool"], "pool")
-        pool = Pool.load(ws.abs(manifest["pool"]))
+        pool = Pool.load(ws.abs(manifest["pool"]))  # verified by _resume, which calls this
         kept = [i for i, s in enumerate(pool.ds["stage"]) if s not in dropped]  # rows are only ever appended
         # a pool version a dropped stage wrote goes with it, even when it added no row
         if len(kept) < len(pool) or manifest["pool"] in {f"data/pool-{key}" for key in dropped}:
@@ -531,8 +530,7 @@ class Runner:
         problem = None
         if distributed.is_main():
             try:
-                problem = self._input_problem(manifest) if only is None else self._input_problem(
-                    {**manifest, "stages": []}, also=only, inputs=False)
+                problem = self._input_problem(manifest, also=only or [], inputs=only is None)
             except Exception as e:  # an unreadable file, say: every rank must leave, not wait for rank 0
                 problem = f"cannot check the run's files: {type(e).__name__}: {e}"
         problem = distributed.broadcast(problem)
@@ -544,7 +542,7 @@ class Runner:
         auxiliary models (``inputs``) and the paths in ``also``; None if nothing. Each path is hashed once."""
         root = self.ws.root
         named = [(manifest["pool"], "pool"), (manifest["current_checkpoint"], "checkpoint")] if inputs else []
-        for e in manifest["stages"]:
+        for e in manifest["stages"] if inputs else []:
             if e["status"] != "accepted":
                 continue
             if e.get("annotations"):
